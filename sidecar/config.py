@@ -1,0 +1,259 @@
+"""Settings: one frozen object built from CLI flags, the environment and Tock's property names.
+
+Each setting is read from, in order: its CLI flag, its `SIDECAR_*` environment variable,
+then the Tock property of the same meaning (Tock reads its properties from the environment
+too), then its default. A value that does not parse stops start-up with a one-line
+`ConfigError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message is one line and names the setting."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bind:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Connector:
+    id: str
+    base_path: str
+
+    @property
+    def stream_path(self) -> str:
+        return f"{self.base_path}/sse"
+
+    @property
+    def ack_path(self) -> str:
+        return f"{self.base_path}/sse/ack"
+
+
+def _bind(value: str) -> Bind:
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    if match is None:
+        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return Bind(host, port)
+
+
+def _connectors(value: str) -> tuple[Connector, ...]:
+    connectors = []
+    for item in value.split(","):
+        connector_id, eq, path = item.strip().partition("=")
+        connector_id, path = connector_id.strip(), path.strip().rstrip("/")
+        if not eq or not connector_id or not path.startswith("/"):
+            raise ValueError(f"expected ID=/BASEPATH pairs separated by commas, got {item!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", connector_id):
+            raise ValueError(f"connector id {connector_id!r} has characters outside [A-Za-z0-9_.-]")
+        if not re.fullmatch(r"(/[A-Za-z0-9_.~\-]+)+", path):
+            raise ValueError(f"base path {path!r} is not a plain URL path")
+        connectors.append(Connector(connector_id, path))
+    ids = [c.id for c in connectors]
+    paths = [c.base_path for c in connectors]
+    if len(set(ids)) != len(ids) or len(set(paths)) != len(paths):
+        raise ValueError("connector ids and base paths must be unique")
+    return tuple(connectors)
+
+
+def _store(value: str) -> str:
+    value = value.strip()
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    if value.startswith(("mongodb://", "mongodb+srv://")):
+        return value
+    raise ValueError(f"expected sqlite:///PATH or mongodb://..., got {value!r}")
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _days(value: str) -> float | None:
+    """Empty: the store's default (SQLite none, MongoDB 7 days). Tock writes -1 (any
+    value <= 0) for 'no TTL', kept here as 0."""
+    if not value.strip():
+        return None
+    number = float(value)
+    return number if number > 0 else 0.0
+
+
+def _optional_positive_int(value: str) -> int | None:
+    return _positive_int(value) if value.strip() else None
+
+
+def _database(value: str) -> str | None:
+    value = value.strip()
+    if value and not re.fullmatch(r"[^/\\. \"$]{1,63}", value):
+        raise ValueError(f"{value!r} is not a valid MongoDB database name")
+    return value or None
+
+
+def _regex(value: str) -> re.Pattern[str]:
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _token(value: str) -> str | None:
+    return value or None
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+    return level
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Option:
+    """How one setting is read; `name` is the attribute of `Settings`."""
+
+    name: str
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("public_bind", "SIDECAR_PUBLIC_BIND", "0.0.0.0:8080", _bind,
+           "browser-facing listener, HOST:PORT (port 0 picks a free one)"),
+    Option("send_bind", "SIDECAR_SEND_BIND", "127.0.0.1:8081", _bind,
+           "bot-facing send API listener, HOST:PORT (port 0 picks a free one)"),
+    Option("store", "SIDECAR_STORE", "sqlite:///./sidecar.db", _store,
+           "message store URL: sqlite:///PATH or mongodb://...", ("tock_mongo_url",)),
+    Option("connectors", "SIDECAR_CONNECTORS", "web=/io/app/web", _connectors,
+           "comma-separated ID=BASEPATH pairs; streams at BASEPATH/sse"),
+    Option("keepalive_seconds", "SIDECAR_KEEPALIVE_SECONDS", "10", _positive_float,
+           "seconds between ping events", ("tock_web_sse_keepalive_delay",)),
+    Option("send_token", "SIDECAR_SEND_TOKEN", "", _token,
+           "bearer token the send API requires (empty: none)"),
+    Option("cors_pattern", "SIDECAR_CORS_PATTERN", ".*", _regex,
+           "regular expression the Origin must match in full", ("tock_web_cors_pattern",)),
+    Option("cors_credentials", "SIDECAR_CORS_CREDENTIALS", "false", _bool,
+           "allow credentialed cross-origin requests"),
+    Option("max_payload_bytes", "SIDECAR_MAX_PAYLOAD_BYTES", "65536", _positive_int,
+           "largest send request body, and largest response in a batch"),
+    Option("max_batch_items", "SIDECAR_MAX_BATCH_ITEMS", "1000", _positive_int,
+           "most messages in one batch send"),
+    Option("max_batch_bytes", "SIDECAR_MAX_BATCH_BYTES", "1048576", _positive_int,
+           "largest batch send request body"),
+    Option("queue_max_count", "SIDECAR_QUEUE_MAX_COUNT", "50000", _positive_int,
+           "messages kept at most; the oldest go first",
+           ("tock_web_sse_message_queue_max_count",)),
+    Option("queue_ttl_days", "SIDECAR_QUEUE_TTL_DAYS", "", _days,
+           "days a message is kept (<= 0: no limit; empty: SQLite no limit, MongoDB 7)",
+           ("tock_web_sse_message_queue_ttl_days",)),
+    Option("queue_max_size_kb", "SIDECAR_QUEUE_MAX_SIZE_KB", "", _optional_positive_int,
+           "capped MongoDB collection size in KB (empty: 2 x queue max count)",
+           ("tock_web_sse_message_queue_max_size_kb",)),
+    Option("mongo_database", "SIDECAR_MONGO_DB", "", _database,
+           "MongoDB database (empty: the store URL's path, else tock_bot)",
+           ("tock_bot_mongo_db",)),
+    Option("mongo_capped", "SIDECAR_MONGO_CAPPED", "false", _bool,
+           "create a missing web_channel_event collection capped, as Tock does"),
+    Option("replay_sent", "SIDECAR_REPLAY_SENT", "false", _bool,
+           "replay SENT messages to clients that send no Last-Event-ID"),
+    Option("stream_buffer", "SIDECAR_STREAM_BUFFER", "256", _positive_int,
+           "messages queued per stream before the stream is cut off as too slow"),
+    Option("replay_page", "SIDECAR_REPLAY_PAGE", "500", _positive_int,
+           "messages read from the store per replay query"),
+    Option("shutdown_seconds", "SIDECAR_SHUTDOWN_SECONDS", "10", _positive_float,
+           "how long in-flight requests get to finish on SIGTERM"),
+    Option("log_level", "SIDECAR_LOG_LEVEL", "INFO", _log_level, "log level"),
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    public_bind: Bind
+    send_bind: Bind
+    store: str
+    connectors: tuple[Connector, ...]
+    keepalive_seconds: float
+    send_token: str | None
+    cors_pattern: re.Pattern[str]
+    cors_credentials: bool
+    max_payload_bytes: int
+    max_batch_items: int
+    max_batch_bytes: int
+    queue_max_count: int
+    queue_ttl_days: float | None
+    queue_max_size_kb: int | None
+    mongo_database: str | None
+    mongo_capped: bool
+    replay_sent: bool
+    stream_buffer: int
+    replay_page: int
+    shutdown_seconds: float
+    log_level: str
+
+    @classmethod
+    def load(
+        cls, env: Mapping[str, str], flags: Mapping[str, str | None] | None = None
+    ) -> Settings:
+        """Build settings from `flags` (by attribute name; None means not given) and `env`."""
+        flags = flags or {}
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            raw, source = option.default, f"{option.env} (default)"
+            for alias in reversed(option.aliases):
+                if alias in env:
+                    raw, source = env[alias], alias
+            if option.env in env:
+                raw, source = env[option.env], option.env
+            if flags.get(option.name) is not None:
+                raw, source = str(flags[option.name]), option.flag
+            try:
+                values[option.name] = option.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        return cls(**values)
+
+    def connector(self, connector_id: str) -> Connector | None:
+        for connector in self.connectors:
+            if connector.id == connector_id:
+                return connector
+        return None

@@ -1,0 +1,1 @@
+"""Thin HTTP adapters: quart-trio apps (and one raw ASGI route) around the core."""

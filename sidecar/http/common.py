@@ -1,0 +1,107 @@
+"""What both listeners share: JSON errors, CORS rules, health routes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from sidecar.store.base import Store, StoreUnavailable
+
+
+class ApiError(Exception):
+    """An error answer: HTTP `status` and a JSON body {"error": {"code", "message"}}."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")), status=status, content_type="application/json"
+    )
+
+
+def install_error_handlers(app: Quart) -> None:
+    """Every error leaves as JSON, werkzeug's own (404, 405, 413) included."""
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        return Response(error_body(exc.code, exc.message), exc.status, content_type="application/json")
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_unavailable(exc: StoreUnavailable) -> Response:
+        response = Response(
+            error_body("store_unavailable", "the message store is unavailable; retry later"),
+            503,
+            content_type="application/json",
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        response = Response(
+            error_body(code, exc.description or exc.name or "error"),
+            exc.code or 500,
+            content_type="application/json",
+        )
+        if exc.code == 405 and exc.response is None and hasattr(exc, "valid_methods"):
+            response.headers["Allow"] = ", ".join(exc.valid_methods or ())
+        return response
+
+
+def install_health_routes(app: Quart, store: Store) -> None:
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            return json_response({"status": "unavailable", "store": str(exc)}, 503)
+        return json_response({"status": "ok"})
+
+
+def cors_headers(origin: str | None, pattern: re.Pattern[str], credentials: bool) -> list[tuple[str, str]]:
+    """Headers that let `origin` read a response, or none when it may not."""
+    if origin is None or pattern.fullmatch(origin) is None:
+        return []
+    headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+    if credentials:
+        headers.append(("Access-Control-Allow-Credentials", "true"))
+    return headers
+
+
+def preflight_headers(
+    origin: str | None,
+    request_headers: str | None,
+    pattern: re.Pattern[str],
+    credentials: bool,
+) -> list[tuple[str, str]]:
+    """The answer to an OPTIONS preflight: CORS headers plus what may be sent."""
+    headers = cors_headers(origin, pattern, credentials)
+    if headers:
+        headers.append(("Access-Control-Allow-Methods", "GET, POST, OPTIONS"))
+        headers.append(
+            ("Access-Control-Allow-Headers", request_headers or "Content-Type, Last-Event-ID")
+        )
+        headers.append(("Access-Control-Max-Age", "600"))
+    return headers
+
+
+Handler = Callable[..., Awaitable[Response]]

@@ -1,0 +1,114 @@
+"""The bot-facing listener: the send API and health.
+
+A 202 means the message is committed to the store; it is then queued on this instance's
+open streams of the recipient without waiting for them. Bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from sidecar.config import Settings
+from sidecar.http.common import ApiError, install_error_handlers, install_health_routes, json_response
+from sidecar.hub import Hub
+from sidecar.identity import MAX_USER_ID_LENGTH
+from sidecar.protocol.message import Message, new_id
+from sidecar.protocol.sse import dumps
+from sidecar.store.base import Store
+
+_FIELDS = {"connectorId", "recipientId", "response"}
+
+
+def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str, dict[str, Any]]:
+    """Validate one send request object; raises ApiError naming the problem."""
+    if not isinstance(item, dict):
+        raise ApiError(400, "invalid_request", f"{where}expected a JSON object")
+    missing = sorted(_FIELDS - item.keys())
+    if missing:
+        raise ApiError(400, "missing_field", f"{where}missing field(s): {', '.join(missing)}")
+    unknown = sorted(item.keys() - _FIELDS)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"{where}unknown field(s): {', '.join(unknown)}")
+    connector_id, recipient_id, response = item["connectorId"], item["recipientId"], item["response"]
+    if not isinstance(connector_id, str):
+        raise ApiError(400, "invalid_field", f"{where}connectorId must be a string")
+    if not isinstance(recipient_id, str) or not recipient_id:
+        raise ApiError(400, "invalid_field", f"{where}recipientId must be a non-empty string")
+    if len(recipient_id) > MAX_USER_ID_LENGTH:
+        raise ApiError(
+            400, "invalid_field", f"{where}recipientId is longer than {MAX_USER_ID_LENGTH}"
+        )
+    if not isinstance(response, dict):
+        raise ApiError(400, "invalid_field", f"{where}response must be a JSON object")
+    if settings.connector(connector_id) is None:
+        raise ApiError(404, "unknown_connector", f"{where}no connector {connector_id!r}")
+    if len(dumps(response).encode()) > settings.max_payload_bytes:
+        raise ApiError(
+            413, "payload_too_large", f"{where}response is over {settings.max_payload_bytes} bytes"
+        )
+    return connector_id, recipient_id, response
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _json_body(limit: int) -> Any:
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "the body must be application/json")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+    body = await request.get_data(as_text=False)
+    if len(body) > limit:
+        raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
+    app = QuartTrio("sidecar.send")
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_payload_bytes, settings.max_batch_bytes)
+    install_error_handlers(app)
+    install_health_routes(app, store)
+    token = settings.send_token.encode() if settings.send_token else None
+
+    @app.before_request
+    async def authenticate() -> None:
+        if token is None or request.path in ("/healthz", "/readyz"):
+            return
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+
+    async def accept(items: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        messages = [Message(new_id(), c, r, response) for c, r, response in items]
+        await store.save(messages)
+        return [{"id": m.id, "deliveredTo": hub.dispatch(m)} for m in messages]
+
+    @app.post("/v1/send")
+    async def send() -> Response:
+        item = parse_item(await _json_body(settings.max_payload_bytes), settings)
+        (result,) = await accept([item])
+        return json_response(result, 202)
+
+    @app.post("/v1/send/batch")
+    async def send_batch() -> Response:
+        payload = await _json_body(settings.max_batch_bytes)
+        if not isinstance(payload, list):
+            raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
+        if len(payload) > settings.max_batch_items:
+            raise ApiError(
+                413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
+            )
+        items = [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
+        return json_response({"results": await accept(items)}, 202)
+
+    return app

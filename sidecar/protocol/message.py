@@ -1,0 +1,96 @@
+"""The message record and its ids.
+
+Ids are MongoDB ObjectIds written as 24 lowercase hex characters: 4 bytes of seconds since
+the epoch, 5 bytes fixed per process, 3 bytes of counter. Because the hex form has a fixed
+length, comparing two ids as strings compares them as ObjectIds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Any
+
+_ID_RE = re.compile(r"[0-9a-f]{24}")
+
+
+class State(IntEnum):
+    """Delivery state of a message. Stored as a small integer; it only ever grows."""
+
+    ENQUEUED = 0
+    SENT = 1  # written to at least one open stream; Tock calls this PROCESSED
+    DELIVERED = 2  # acknowledged by the client
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    connector_id: str
+    recipient_id: str
+    response: dict[str, Any]
+    state: State = State.ENQUEUED
+    enqueued_at: datetime.datetime = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC)
+    )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Who the message is for: (connector id, recipient id)."""
+        return (self.connector_id, self.recipient_id)
+
+
+def is_message_id(value: object) -> bool:
+    """True when `value` is a 24-character lowercase hex ObjectId string."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def normalize_id(value: str) -> str | None:
+    """Accept an ObjectId in either case; None when it is not one."""
+    lowered = value.strip().lower()
+    return lowered if is_message_id(lowered) else None
+
+
+def id_time(message_id: str) -> int:
+    """Seconds since the epoch encoded in an id."""
+    return int(message_id[:8], 16)
+
+
+def min_id_at(seconds: int) -> str:
+    """The smallest id a generator could produce at `seconds` since the epoch."""
+    return f"{seconds:08x}" + "0" * 16
+
+
+class IdGenerator:
+    """Makes ObjectIds that strictly increase for the life of the process.
+
+    Unlike a plain ObjectId counter, which starts at a random value and wraps, this one
+    never goes backwards: within one second the counter grows; if it would overflow or the
+    clock steps back, the time part is carried forward instead.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._process = os.urandom(5).hex()
+        self._lock = threading.Lock()
+        self._seconds = 0
+        self._counter = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            now = int(self._clock())
+            if now > self._seconds:
+                self._seconds, self._counter = now, 0
+            else:
+                self._counter += 1
+                if self._counter > 0xFFFFFF:
+                    self._seconds, self._counter = self._seconds + 1, 0
+            return f"{self._seconds:08x}{self._process}{self._counter:06x}"
+
+
+new_id = IdGenerator()

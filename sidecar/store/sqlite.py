@@ -1,0 +1,228 @@
+"""The embedded store: one SQLite file, stdlib only.
+
+One connection serves the whole instance; every call runs in a trio worker thread, one at a
+time (a CapacityLimiter of 1), so the trio loop never waits on SQLite. WAL mode with
+synchronous=FULL makes a committed save survive a crash of the process or the machine.
+Retention follows Tock's settings: at most `max_count` messages (the oldest go first, as in
+Tock's capped collection) and, when set, none older than `ttl_days`.
+
+The feed polls for rows added since it last looked, so several processes may share one
+file; a process finds its own saves there too and the hub drops them as already dispatched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+from sidecar.protocol.delivery import Replay
+from sidecar.protocol.message import Message, State
+from sidecar.store.base import FeedItem, StoreUnavailable
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    connector_id TEXT NOT NULL,
+    recipient_id TEXT NOT NULL,
+    response TEXT NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    enqueued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_recipient
+    ON messages (connector_id, recipient_id, state, id);
+CREATE INDEX IF NOT EXISTS messages_enqueued_at ON messages (enqueued_at);
+"""
+
+_COLUMNS = "id, connector_id, recipient_id, response, state, enqueued_at"
+# How often the feed looks for rows written by other processes, and how many it takes.
+FEED_INTERVAL = 0.25
+FEED_BATCH = 500
+# TTL pruning is a range delete on an index; once a minute is plenty.
+TTL_PRUNE_INTERVAL = 60.0
+
+
+def _row(row: tuple[Any, ...]) -> Message:
+    message_id, connector_id, recipient_id, response, state, enqueued_at = row
+    return Message(
+        id=message_id,
+        connector_id=connector_id,
+        recipient_id=recipient_id,
+        response=json.loads(response),
+        state=State(state),
+        enqueued_at=datetime.datetime.fromtimestamp(enqueued_at, datetime.UTC),
+    )
+
+
+class SqliteStore:
+    def __init__(self, connection: sqlite3.Connection, max_count: int, ttl_days: float | None):
+        self._db = connection
+        self._max_count = max_count
+        self._ttl_seconds = ttl_days * 86400 if ttl_days else None
+        self._limiter = trio.CapacityLimiter(1)
+        self._next_ttl_prune = 0.0
+
+    @classmethod
+    async def open(
+        cls, path: str, *, max_count: int = 50000, ttl_days: float | None = None
+    ) -> SqliteStore:
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript(_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            return db
+
+        try:
+            connection = await trio.to_thread.run_sync(connect)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {path!r}: {exc}") from exc
+        return cls(connection, max_count, ttl_days)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        def guarded() -> T:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreUnavailable(f"SQLite: {exc}") from exc
+
+        return await trio.to_thread.run_sync(guarded, limiter=self._limiter)
+
+    async def save(self, messages: Sequence[Message]) -> None:
+        rows = [
+            (
+                m.id,
+                m.connector_id,
+                m.recipient_id,
+                json.dumps(m.response, separators=(",", ":"), ensure_ascii=False),
+                int(m.state),
+                m.enqueued_at.timestamp(),
+            )
+            for m in messages
+        ]
+
+        def save() -> None:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
+            # Keep the newest max_count rows: seq only grows, so this is an index range.
+            db.execute(
+                "DELETE FROM messages WHERE seq <= (SELECT MAX(seq) FROM messages) - ?",
+                (self._max_count,),
+            )
+            now = time.time()
+            if self._ttl_seconds is not None and now >= self._next_ttl_prune:
+                db.execute("DELETE FROM messages WHERE enqueued_at < ?", (now - self._ttl_seconds,))
+                self._next_ttl_prune = now + TTL_PRUNE_INTERVAL
+            db.execute("COMMIT")
+
+        await self._run(save)
+
+    async def pending(
+        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
+    ) -> list[Message]:
+        where = ["connector_id = ?", "recipient_id = ?"]
+        params: list[Any] = [connector_id, recipient_id]
+        if not replay.sent:
+            where.append("state = 0")
+        elif replay.sent_after is None:
+            where.append("state < 2")
+        else:
+            where.append("(state = 0 OR (state = 1 AND id > ?))")
+            params.append(replay.sent_after)
+        if after is not None:
+            where.append("id > ?")
+            params.append(after)
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        params.append(limit)
+        rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
+        return [_row(row) for row in rows]
+
+    async def _update(self, sql: str, params: Sequence[Any]) -> int:
+        return await self._run(lambda: self._db.execute(sql, params).rowcount)
+
+    async def mark_sent(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        return await self._update(
+            f"UPDATE messages SET state = 1 WHERE state = 0 AND id IN ({marks})", list(ids)
+        )
+
+    async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        return await self._update(
+            "UPDATE messages SET state = 2 WHERE connector_id = ? AND recipient_id = ?"
+            f" AND state < 2 AND id IN ({marks})",
+            [connector_id, recipient_id, *ids],
+        )
+
+    async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
+        return await self._update(
+            "UPDATE messages SET state = 2 WHERE connector_id = ? AND recipient_id = ?"
+            " AND state = 1 AND id <= ?",
+            [connector_id, recipient_id, last_event_id],
+        )
+
+    async def get(self, message_id: str) -> Message | None:
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE id = ?"
+        row = await self._run(lambda: self._db.execute(sql, (message_id,)).fetchone())
+        return None if row is None else _row(row)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+
+    async def run_feed(
+        self,
+        send: trio.MemorySendChannel[FeedItem],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        def newest() -> int:
+            row = self._db.execute("SELECT MAX(seq) FROM messages").fetchone()
+            return int(row[0] or 0)
+
+        def since(seq: int) -> list[tuple[Any, ...]]:
+            return self._db.execute(
+                f"SELECT seq, {_COLUMNS} FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, FEED_BATCH),
+            ).fetchall()
+
+        last = await self._run(newest)
+        task_status.started()
+        while True:
+            try:
+                rows = await self._run(lambda: since(last))
+            except StoreUnavailable:
+                # Rows are read by sequence number, so whatever is written while the file
+                # cannot be read is picked up once it can.
+                rows = []
+            for row in rows:
+                last = row[0]
+                await send.send(_row(row[1:]))
+            if len(rows) < FEED_BATCH:
+                await trio.sleep(FEED_INTERVAL)
+
+    async def aclose(self) -> None:
+        await self._run(self._db.close)
+

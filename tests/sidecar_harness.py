@@ -1,0 +1,109 @@
+"""Run a real sidecar (hypercorn listeners on loopback) inside a test, and talk to it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from sidecar import app
+from sidecar.config import Settings
+from sidecar.protocol import sse
+
+
+def settings_for(tmp_path: Path, **env: str) -> Settings:
+    base = {
+        "SIDECAR_PUBLIC_BIND": "127.0.0.1:0",
+        "SIDECAR_SEND_BIND": "127.0.0.1:0",
+        "SIDECAR_STORE": f"sqlite:///{tmp_path / 'sidecar.db'}",
+        "SIDECAR_SHUTDOWN_SECONDS": "2",
+    }
+    return Settings.load(base | env)
+
+
+@dataclasses.dataclass
+class Sidecar:
+    running: app.Running
+    shutdown: trio.Event
+    client: httpx.AsyncClient
+
+    @property
+    def public(self) -> str:
+        return self.running.public_url
+
+    @property
+    def send_url(self) -> str:
+        return self.running.send_url
+
+    def stream_url(self, user: str = "alice", *, param: str = "userId") -> str:
+        return f"{self.public}/io/app/web/sse?{param}={user}"
+
+    async def send(self, recipient: str = "alice", connector: str = "web", **response: Any) -> str:
+        body = {
+            "connectorId": connector,
+            "recipientId": recipient,
+            "response": response or {"responses": [{"text": "hi"}]},
+        }
+        reply = await self.client.post(f"{self.send_url}/v1/send", json=body)
+        assert reply.status_code == 202, reply.text
+        message_id: str = reply.json()["id"]
+        return message_id
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        user: str = "alice",
+        *,
+        last_event_id: str | None = None,
+        query: str = "",
+        param: str = "userId",
+    ) -> AsyncIterator[SseClient]:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        url = self.stream_url(user, param=param) + query
+        async with self.client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200, await response.aread()
+            async with aclosing(response.aiter_raw()) as chunks:
+                client = SseClient(chunks)
+                # The first frame is always a ping; once it is here the stream is registered.
+                first = await client.next_event()
+                assert first.event == "ping"
+                yield client
+
+
+class SseClient:
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._parser = sse.Parser()
+        self._chunks = chunks
+        self._events: list[sse.Event] = []
+
+    async def next_event(self) -> sse.Event:
+        while not self._events:
+            chunk = await self._chunks.__anext__()
+            self._events.extend(self._parser.feed(chunk))
+        return self._events.pop(0)
+
+    async def next_message(self) -> sse.Event:
+        """The next `message` event, skipping pings."""
+        while True:
+            event = await self.next_event()
+            if event.event == "message":
+                return event
+
+    async def messages(self, count: int) -> list[sse.Event]:
+        return [await self.next_message() for _ in range(count)]
+
+
+@asynccontextmanager
+async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as client:
+        running = await nursery.start(app.run, settings, shutdown)
+        try:
+            yield Sidecar(running, shutdown, client)
+        finally:
+            shutdown.set()
