@@ -9,6 +9,7 @@ too), then its default. A value that does not parse stops start-up with a one-li
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -61,7 +62,8 @@ def _connectors(value: str) -> tuple[Connector, ...]:
             raise ValueError(f"expected ID=/BASEPATH pairs separated by commas, got {item!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", connector_id):
             raise ValueError(f"connector id {connector_id!r} has characters outside [A-Za-z0-9_.-]")
-        if not re.fullmatch(r"(/[A-Za-z0-9_.~\-]+)+", path):
+        # A "." or ".." segment would never match: browsers resolve them before requesting.
+        if not re.fullmatch(r"(/(?!\.\.?(/|$))[A-Za-z0-9_.~\-]+)+", path):
             raise ValueError(f"base path {path!r} is not a plain URL path")
         connectors.append(Connector(connector_id, path))
     ids = [c.id for c in connectors]
@@ -100,6 +102,8 @@ def _days(value: str) -> float | None:
     if not value.strip():
         return None
     number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number of days, got {value!r}")
     return number if number > 0 else 0.0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import suppress
 from typing import Protocol
 
 import trio
@@ -79,7 +80,7 @@ class SentMarker:
             while len(ids) < self._batch:
                 try:
                     ids.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
             try:
                 await self._store.mark_sent(ids)
@@ -103,10 +104,8 @@ async def serve_stream(
     Returns normally in the first two cases; the caller's cancellation propagates."""
     with hub.subscribe(key) as sub, sub.cancel_scope:
         stream = _Stream(sink, store, marker, key, last_event_id, options)
-        try:
+        with suppress(ClientGone):
             await stream.run(sub.receive)
-        except ClientGone:
-            pass
 
 
 class _Stream:
@@ -167,7 +166,9 @@ class _Stream:
                 await self._replay_pages()
                 return
             except StoreUnavailable as exc:
-                log.warning("replay for %s/%s failed, retrying in %.1fs: %s", *self._key, delay, exc)
+                log.warning(
+                    "replay for %s/%s failed, retrying in %.1fs: %s", *self._key, delay, exc
+                )
                 await self._wait(delay)
                 delay = min(delay * 2, RETRY_MAX)
 

@@ -38,7 +38,9 @@ def install_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        return Response(error_body(exc.code, exc.message), exc.status, content_type="application/json")
+        return Response(
+            error_body(exc.code, exc.message), exc.status, content_type="application/json"
+        )
 
     @app.errorhandler(StoreUnavailable)
     async def store_unavailable(exc: StoreUnavailable) -> Response:
@@ -77,7 +79,9 @@ def install_health_routes(app: Quart, store: Store) -> None:
         return json_response({"status": "ok"})
 
 
-def cors_headers(origin: str | None, pattern: re.Pattern[str], credentials: bool) -> list[tuple[str, str]]:
+def cors_headers(
+    origin: str | None, pattern: re.Pattern[str], credentials: bool
+) -> list[tuple[str, str]]:
     """Headers that let `origin` read a response, or none when it may not."""
     if origin is None or pattern.fullmatch(origin) is None:
         return []

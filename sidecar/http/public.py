@@ -13,6 +13,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
+from hypercorn.typing import ASGIReceiveCallable as Receive
+from hypercorn.typing import ASGISendCallable as Send
+from hypercorn.typing import HTTPScope
+from hypercorn.typing import Scope as AnyScope
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -31,9 +35,6 @@ from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
 from sidecar.stream import SentMarker, StreamOptions, serve_stream
 
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream;charset=UTF-8"),
@@ -64,7 +65,7 @@ class PublicApp:
         )
         self._quart = _quart_app(settings, store)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: AnyScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["method"] == "OPTIONS":
                 return await self._preflight(scope, send)
@@ -73,7 +74,7 @@ class PublicApp:
                 return await self._stream(connector, scope, receive, send)
         await self._quart(scope, receive, send)
 
-    def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+    def _cors(self, scope: HTTPScope) -> list[tuple[bytes, bytes]]:
         origin = _header(scope, b"origin")
         return [
             (name.lower().encode(), value.encode())
@@ -82,31 +83,28 @@ class PublicApp:
             )
         ]
 
-    async def _preflight(self, scope: Scope, send: Send) -> None:
+    async def _preflight(self, scope: HTTPScope, send: Send) -> None:
         headers = preflight_headers(
             _header(scope, b"origin"),
             _header(scope, b"access-control-request-headers"),
             self._settings.cors_pattern,
             self._settings.cors_credentials,
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 204,
-                "headers": [(n.lower().encode(), v.encode()) for n, v in headers],
-            }
-        )
-        await send({"type": "http.response.body", "body": b""})
+        encoded = [(n.lower().encode(), v.encode()) for n, v in headers]
+        await _respond(send, 204, encoded, b"")
 
-    async def _error(self, scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    async def _error(
+        self, scope: HTTPScope, send: Send, status: int, code: str, message: str
+    ) -> None:
         body = error_body(code, message)
         headers = [(b"content-type", b"application/json"), *self._cors(scope)]
         if status == 503:
             headers.append((b"retry-after", b"1"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _respond(send, status, headers, body)
 
-    async def _stream(self, connector: Connector, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _stream(
+        self, connector: Connector, scope: HTTPScope, receive: Receive, send: Send
+    ) -> None:
         query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
         try:
             user_id = identity.from_query(query)
@@ -122,12 +120,19 @@ class PublicApp:
             return await self._error(scope, send, 503, "draining", "this instance is shutting down")
 
         await send(
-            {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self._cors(scope)}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": SSE_HEADERS + self._cors(scope),
+            }
         )
+
+        client_gone = trio.Event()
 
         async def watch_disconnect(cancel_scope: trio.CancelScope) -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
+            client_gone.set()
             cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -142,9 +147,10 @@ class PublicApp:
                 options=self._options,
             )
             nursery.cancel_scope.cancel()
-        # The hub closed the stream (slow consumer, shutdown): end the response cleanly so the
-        # browser reconnects.
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not client_gone.is_set():
+            # The hub closed the stream (slow consumer, shutdown): end the response cleanly
+            # so the browser reconnects.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _AsgiSink:
@@ -155,7 +161,14 @@ class _AsgiSink:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _header(scope: HTTPScope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value).decode("latin-1")

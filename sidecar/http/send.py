@@ -14,7 +14,12 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from sidecar.config import Settings
-from sidecar.http.common import ApiError, install_error_handlers, install_health_routes, json_response
+from sidecar.http.common import (
+    ApiError,
+    install_error_handlers,
+    install_health_routes,
+    json_response,
+)
 from sidecar.hub import Hub
 from sidecar.identity import MAX_USER_ID_LENGTH
 from sidecar.protocol.message import Message, new_id
@@ -34,7 +39,11 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
     unknown = sorted(item.keys() - _FIELDS)
     if unknown:
         raise ApiError(400, "unknown_field", f"{where}unknown field(s): {', '.join(unknown)}")
-    connector_id, recipient_id, response = item["connectorId"], item["recipientId"], item["response"]
+    connector_id, recipient_id, response = (
+        item["connectorId"],
+        item["recipientId"],
+        item["response"],
+    )
     if not isinstance(connector_id, str):
         raise ApiError(400, "invalid_field", f"{where}connectorId must be a string")
     if not isinstance(recipient_id, str) or not recipient_id:

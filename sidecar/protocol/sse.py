@@ -63,9 +63,15 @@ class Parser:
         self._event = ""
         self._id: str | None = None
         self._retry: int | None = None
+        self._first_line = True
+        self._after_cr = False  # the last line ended with a `\r` that ended the buffer
         self.last_event_id = ""
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if chunk and self._after_cr:
+            # That `\r` already ended its line; a `\n` right after it belongs to it.
+            self._after_cr = False
+            chunk = chunk.removeprefix(b"\n")
         self._buffer += chunk
         events: list[Event] = []
         while True:
@@ -73,7 +79,12 @@ class Parser:
             if not sep:
                 return events
             self._buffer = rest
-            event = self._line(line.decode("utf-8", errors="replace"))
+            self._after_cr = sep == b"\r" and not rest
+            text = line.decode("utf-8", errors="replace")
+            if self._first_line:
+                self._first_line = False
+                text = text.removeprefix("\ufeff")  # one leading byte order mark is ignored
+            event = self._line(text)
             if event is not None:
                 events.append(event)
 
@@ -91,7 +102,7 @@ class Parser:
             self._event = value
         elif name == "id" and "\0" not in value:
             self._id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
         return None
 
@@ -111,14 +122,12 @@ class Parser:
 
 
 def _split_line(buffer: bytes) -> tuple[bytes, bytes, bytes]:
-    """Split off the first line; a lone `\\r` at the end may still become `\\r\\n`."""
-    for i, byte in enumerate(buffer):
-        if byte == 0x0A:
-            return buffer[:i], b"\n", buffer[i + 1 :]
-        if byte == 0x0D:
-            if i + 1 == len(buffer):
-                return buffer, b"", b""
-            if buffer[i + 1] == 0x0A:
-                return buffer[:i], b"\r\n", buffer[i + 2 :]
-            return buffer[:i], b"\r", buffer[i + 1 :]
-    return buffer, b"", b""
+    """Split off the first line; the separator is empty when no line is complete yet."""
+    cr, lf = buffer.find(b"\r"), buffer.find(b"\n")
+    if lf >= 0 and (cr < 0 or lf < cr):
+        return buffer[:lf], b"\n", buffer[lf + 1 :]
+    if cr < 0:
+        return buffer, b"", b""
+    if buffer[cr + 1 : cr + 2] == b"\n":
+        return buffer[:cr], b"\r\n", buffer[cr + 2 :]
+    return buffer[:cr], b"\r", buffer[cr + 1 :]

@@ -21,6 +21,9 @@
   "use strict";
 
   var SEEN_LIMIT = 1000;
+  // A last id before every id: on a first visit, ask for everything not yet delivered,
+  // including what an earlier page may have been written but never acknowledged.
+  var NOTHING_SEEN = "000000000000000000000000";
 
   function SidecarSSE(options) {
     if (!options || !options.url || !options.userId) {
@@ -64,9 +67,7 @@
   SidecarSSE.prototype._streamUrl = function () {
     var url = this.url + (this.url.indexOf("?") < 0 ? "?" : "&") +
       "userId=" + encodeURIComponent(this.userId);
-    var last = this.lastEventId();
-    if (last) url += "&lastEventId=" + encodeURIComponent(last);
-    return url;
+    return url + "&lastEventId=" + encodeURIComponent(this.lastEventId() || NOTHING_SEEN);
   };
 
   SidecarSSE.prototype._connect = function () {

@@ -14,6 +14,7 @@ __all__ = ["FeedItem", "HistoryLost", "Store", "StoreUnavailable", "open_store"]
 @asynccontextmanager
 async def open_store(settings: Settings) -> AsyncIterator[Store]:
     """Open the store `settings.store` names, and close it on exit."""
+    store: Store
     if settings.store.startswith("sqlite:///"):
         from sidecar.store.sqlite import SqliteStore
 

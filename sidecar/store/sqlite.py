@@ -16,6 +16,8 @@ import datetime
 import json
 import sqlite3
 import time
+from contextlib import suppress
+from functools import partial
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -75,9 +77,7 @@ class SqliteStore:
         cls, path: str, *, max_count: int = 50000, ttl_days: float | None = None
     ) -> SqliteStore:
         def connect() -> sqlite3.Connection:
-            db = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=5.0
-            )
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
@@ -98,8 +98,9 @@ class SqliteStore:
             try:
                 return fn()
             except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # the connection itself may be what failed
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                 raise StoreUnavailable(f"SQLite: {exc}") from exc
 
         return await trio.to_thread.run_sync(guarded, limiter=self._limiter)
@@ -212,7 +213,7 @@ class SqliteStore:
         task_status.started()
         while True:
             try:
-                rows = await self._run(lambda: since(last))
+                rows = await self._run(partial(since, last))
             except StoreUnavailable:
                 # Rows are read by sequence number, so whatever is written while the file
                 # cannot be read is picked up once it can.
@@ -225,4 +226,3 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         await self._run(self._db.close)
-

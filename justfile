@@ -1,0 +1,29 @@
+# Recipes for tock-sse-sidecar. `just` comes from PyPI (rust-just), installed by `pip install -e '.[test]'`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv/bin"
+
+# List the recipes.
+default:
+    @just --list
+
+# Run the sidecar on the embedded SQLite store (./sidecar.db).
+serve *ARGS:
+    {{venv}}/sidecar serve {{ARGS}}
+
+# The test suite with branch coverage (the MongoDB tests need a JDK 17 with Maven, or MONGODB_URI).
+test *ARGS:
+    {{venv}}/python -m pytest --cov --cov-branch --cov-report=term {{ARGS}}
+
+# Lint, format check, strict typing, then the tests.
+check:
+    {{venv}}/ruff check sidecar tests
+    {{venv}}/ruff format --check sidecar tests
+    {{venv}}/mypy
+    just test
+
+# Apply the formatter and the safe lint fixes.
+fmt:
+    {{venv}}/ruff check --fix sidecar tests
+    {{venv}}/ruff format sidecar tests

@@ -1,0 +1,397 @@
+// Unit tests for sidecar/static/sidecar-sse.js, run with Node's built-in runner:
+//   node --test tests/js/
+// The client is evaluated in a vm context whose globals are fakes (EventSource,
+// localStorage, fetch); timers are node:test's mock timers. No npm dependencies.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import vm from "node:vm";
+
+const CLIENT_SOURCE = readFileSync(
+  new URL("../../sidecar/static/sidecar-sse.js", import.meta.url),
+  "utf8",
+);
+const NOTHING_SEEN = "000000000000000000000000";
+const URL_BASE = "https://bot.example.com/io/app/web/sse";
+
+class FakeEventSource {
+  static CONNECTING = 0;
+  static OPEN = 1;
+  static CLOSED = 2;
+
+  constructor(url, init) {
+    this.url = url;
+    this.init = init;
+    this.readyState = FakeEventSource.CONNECTING;
+    this.onopen = null;
+    this.onerror = null;
+    this.closed = false;
+    this.listeners = new Map();
+    this.constructor.instances.push(this);
+  }
+
+  addEventListener(type, fn) {
+    if (!this.listeners.has(type)) this.listeners.set(type, []);
+    this.listeners.get(type).push(fn);
+  }
+
+  close() {
+    this.closed = true;
+    this.readyState = FakeEventSource.CLOSED;
+  }
+
+  // Test helpers.
+  open() {
+    this.readyState = FakeEventSource.OPEN;
+    if (this.onopen) this.onopen({ type: "open" });
+  }
+
+  emit(data, lastEventId) {
+    const event = { type: "message", data, lastEventId };
+    for (const fn of this.listeners.get("message") || []) fn(event);
+  }
+
+  fail(readyState = FakeEventSource.CLOSED) {
+    this.readyState = readyState;
+    if (this.onerror) this.onerror({ type: "error" });
+  }
+}
+
+class MapStorage {
+  constructor() {
+    this.map = new Map();
+  }
+  getItem(key) {
+    return this.map.has(key) ? this.map.get(key) : null;
+  }
+  setItem(key, value) {
+    this.map.set(key, String(value));
+  }
+  removeItem(key) {
+    this.map.delete(key);
+  }
+}
+
+// A fresh "page": its own vm context, EventSource class and fetch log; `storage` may be
+// shared between pages to simulate a reload.
+function loadPage({ storage = new MapStorage(), fetchImpl } = {}) {
+  const EventSource = class extends FakeEventSource {
+    static instances = [];
+  };
+  const fetchCalls = [];
+  const pending = new Set();
+  const fetch = (url, init = {}) => {
+    const call = {
+      url,
+      method: init.method,
+      headers: { ...init.headers },
+      body: init.body,
+      init,
+    };
+    fetchCalls.push(call);
+    return fetchImpl ? fetchImpl(call) : Promise.resolve({ ok: true, status: 204 });
+  };
+  const context = vm.createContext({
+    EventSource,
+    localStorage: storage,
+    fetch,
+    // Looked up at call time, so node:test's mock timers (if enabled) apply. `pending`
+    // holds the timers set and neither fired nor cleared yet.
+    setTimeout: (fn, ms) => {
+      const handle = globalThis.setTimeout(() => {
+        pending.delete(handle);
+        fn();
+      }, ms);
+      pending.add(handle);
+      return handle;
+    },
+    clearTimeout: (handle) => {
+      pending.delete(handle);
+      globalThis.clearTimeout(handle);
+    },
+  });
+  vm.runInContext(CLIENT_SOURCE, context, { filename: "sidecar-sse.js" });
+  return {
+    SidecarSSE: context.SidecarSSE,
+    EventSource,
+    storage,
+    fetchCalls,
+    pendingTimers: pending,
+    sources: EventSource.instances,
+  };
+}
+
+// Lets pending promise callbacks (fetch resolution/rejection handlers) run.
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+
+// Values from the vm context have that realm's prototypes; compare them as plain JSON.
+const plain = (value) => JSON.parse(JSON.stringify(value));
+
+const ackUrl = (userId) => `${URL_BASE}/ack?userId=${encodeURIComponent(userId)}`;
+
+function streamParams(source) {
+  return new URL(source.url).searchParams;
+}
+
+test("first connect asks for everything, a reload resumes from the stored id", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const storage = new MapStorage();
+  const page1 = loadPage({ storage });
+  const userId = "user 42/é&x";
+  const stream = new page1.SidecarSSE({ url: URL_BASE, userId, onmessage() {} });
+
+  assert.equal(page1.sources.length, 1);
+  const first = page1.sources[0];
+  assert.ok(first.url.startsWith(URL_BASE + "?"), first.url);
+  assert.ok(first.url.includes("userId=" + encodeURIComponent(userId)), first.url);
+  assert.ok(first.url.includes("lastEventId=" + NOTHING_SEEN), first.url);
+  assert.equal(streamParams(first).get("userId"), userId);
+  assert.equal(streamParams(first).get("lastEventId"), NOTHING_SEEN);
+
+  const id = "65a1b2c3d4e5f60718293a4b";
+  first.open();
+  first.emit(JSON.stringify({ text: "hi" }), id);
+  assert.equal(stream.lastEventId(), id);
+  stream.close();
+
+  // Page reload: a new context sharing the same localStorage.
+  const page2 = loadPage({ storage });
+  new page2.SidecarSSE({ url: URL_BASE, userId });
+  assert.equal(page2.sources.length, 1);
+  assert.equal(streamParams(page2.sources[0]).get("lastEventId"), id);
+  assert.equal(streamParams(page2.sources[0]).get("userId"), userId);
+});
+
+test("a url that already has a query string gets &userId=...", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  new page.SidecarSSE({ url: URL_BASE + "?x=1", userId: "u" });
+  const url = page.sources[0].url;
+  assert.ok(url.startsWith(URL_BASE + "?x=1&userId=u&lastEventId="), url);
+});
+
+test("onmessage gets the parsed object and the id; a duplicate id is shown once but acked", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const received = [];
+  const stream = new page.SidecarSSE({
+    url: URL_BASE,
+    userId: "u1",
+    ackDelay: 100,
+    onmessage: (response, id) => received.push({ response: plain(response), id }),
+  });
+  const source = page.sources[0];
+  const message = { text: "hello", buttons: [{ title: "ok" }] };
+
+  source.emit(JSON.stringify(message), "id-1");
+  source.emit(JSON.stringify(message), "id-1");
+  source.emit("not json", "id-2");
+
+  assert.deepEqual(received, [
+    { response: message, id: "id-1" },
+    { response: "not json", id: "id-2" },
+  ]);
+
+  t.mock.timers.tick(100);
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  assert.deepEqual(JSON.parse(page.fetchCalls[0].body), { ids: ["id-1", "id-1", "id-2"] });
+  stream.close();
+});
+
+test("acks go in one POST after ackDelay", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const userId = "user 7+8";
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId, ackDelay: 250, ackBatch: 50 });
+  const source = page.sources[0];
+
+  source.emit('{"n":1}', "a1");
+  source.emit('{"n":2}', "a2");
+  t.mock.timers.tick(100);
+  source.emit('{"n":3}', "a3");
+  t.mock.timers.tick(149);
+  await settle();
+  assert.equal(page.fetchCalls.length, 0, "no ack before ackDelay");
+
+  t.mock.timers.tick(1);
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  const call = page.fetchCalls[0];
+  assert.equal(call.url, ackUrl(userId));
+  assert.equal(call.method, "POST");
+  assert.equal(call.headers["Content-Type"], "text/plain");
+  assert.deepEqual(JSON.parse(call.body), { ids: ["a1", "a2", "a3"] });
+
+  // Nothing pending: later ticks send nothing more.
+  t.mock.timers.tick(1000);
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  stream.close();
+  await settle();
+  assert.equal(page.fetchCalls.length, 1, "close() with nothing pending sends nothing");
+});
+
+test("reaching ackBatch flushes immediately", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", ackDelay: 10000, ackBatch: 3 });
+  const source = page.sources[0];
+
+  source.emit("{}", "b1");
+  source.emit("{}", "b2");
+  assert.equal(page.fetchCalls.length, 0);
+  source.emit("{}", "b3");
+  assert.equal(page.fetchCalls.length, 1, "flushed without waiting for ackDelay");
+  assert.deepEqual(JSON.parse(page.fetchCalls[0].body), { ids: ["b1", "b2", "b3"] });
+
+  // The batch flush cleared the pending timer: nothing is sent when it would have fired.
+  t.mock.timers.tick(10000);
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  stream.close();
+});
+
+test("a failed ack is re-queued and sent with the next flush", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  let failNext = true;
+  const page = loadPage({
+    fetchImpl: () => {
+      if (failNext) {
+        failNext = false;
+        return Promise.reject(new TypeError("network down"));
+      }
+      return Promise.resolve({ ok: true, status: 204 });
+    },
+  });
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", ackDelay: 100 });
+  const source = page.sources[0];
+
+  source.emit("{}", "c1");
+  source.emit("{}", "c2");
+  t.mock.timers.tick(100);
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  assert.deepEqual(JSON.parse(page.fetchCalls[0].body), { ids: ["c1", "c2"] });
+
+  source.emit("{}", "c3");
+  t.mock.timers.tick(100);
+  await settle();
+  assert.equal(page.fetchCalls.length, 2);
+  assert.deepEqual(JSON.parse(page.fetchCalls[1].body), { ids: ["c1", "c2", "c3"] });
+
+  // The retry succeeded: nothing is sent again.
+  t.mock.timers.tick(1000);
+  await settle();
+  assert.equal(page.fetchCalls.length, 2);
+  stream.close();
+});
+
+test("a 5xx ack is re-queued, a 4xx one is not", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const statuses = [503, 400, 204];
+  const page = loadPage({
+    fetchImpl: () => {
+      const status = statuses.shift();
+      return Promise.resolve({ ok: status < 400, status });
+    },
+  });
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", ackDelay: 100 });
+  const source = page.sources[0];
+
+  source.emit("{}", "d1");
+  t.mock.timers.tick(100);
+  await settle();
+  source.emit("{}", "d2");
+  t.mock.timers.tick(100);
+  await settle();
+  source.emit("{}", "d3");
+  t.mock.timers.tick(100);
+  await settle();
+  assert.deepEqual(
+    page.fetchCalls.map((call) => JSON.parse(call.body).ids),
+    [["d1"], ["d1", "d2"], ["d3"]],
+  );
+  stream.close();
+});
+
+test("a CLOSED source is replaced after retryDelay, resuming from the stored id", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const errors = [];
+  const stream = new page.SidecarSSE({
+    url: URL_BASE,
+    userId: "u",
+    retryDelay: 1000,
+    onerror: (event) => errors.push(event.type),
+  });
+  const first = page.sources[0];
+  first.open();
+  first.emit("{}", "e1");
+
+  // A transient error (EventSource still CONNECTING, retrying by itself): no new source.
+  first.fail(page.EventSource.CONNECTING);
+  t.mock.timers.tick(5000);
+  assert.equal(page.sources.length, 1);
+
+  first.fail(page.EventSource.CLOSED);
+  assert.deepEqual(errors, ["error", "error"]);
+  t.mock.timers.tick(999);
+  assert.equal(page.sources.length, 1, "not before retryDelay");
+  t.mock.timers.tick(1);
+  assert.equal(page.sources.length, 2);
+  const second = page.sources[1];
+  assert.equal(stream.source, second);
+  assert.equal(streamParams(second).get("lastEventId"), "e1");
+  assert.equal(streamParams(second).get("userId"), "u");
+
+  // The new source works like the first one.
+  second.emit('{"x":1}', "e2");
+  assert.equal(stream.lastEventId(), "e2");
+  stream.close();
+  assert.equal(second.closed, true);
+});
+
+test("close() cancels a pending reconnect and closes the source", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", retryDelay: 1000 });
+  const first = page.sources[0];
+
+  first.fail(page.EventSource.CLOSED);
+  t.mock.timers.tick(500);
+  assert.equal(page.pendingTimers.size, 1, "a reconnect is scheduled");
+  stream.close();
+  assert.equal(first.closed, true);
+  assert.equal(page.pendingTimers.size, 0, "close() cleared the reconnect timer");
+  t.mock.timers.tick(10000);
+  assert.equal(page.sources.length, 1, "no reconnect after close()");
+
+  // An error after close() does not schedule one either.
+  first.fail(page.EventSource.CLOSED);
+  t.mock.timers.tick(10000);
+  assert.equal(page.sources.length, 1);
+});
+
+test("close() flushes pending acks", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", ackDelay: 10000 });
+  page.sources[0].emit("{}", "f1");
+  stream.close();
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  assert.deepEqual(JSON.parse(page.fetchCalls[0].body), { ids: ["f1"] });
+  assert.equal(page.sources[0].closed, true);
+});
+
+test("the constructor needs url and userId", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  assert.throws(() => new page.SidecarSSE(), /url and userId/);
+  assert.throws(() => new page.SidecarSSE({}), /url and userId/);
+  assert.throws(() => new page.SidecarSSE({ userId: "u" }), /url and userId/);
+  assert.throws(() => new page.SidecarSSE({ url: URL_BASE }), /url and userId/);
+  assert.throws(() => new page.SidecarSSE({ url: URL_BASE, userId: "" }), /url and userId/);
+  assert.equal(page.sources.length, 0, "no EventSource opened");
+});

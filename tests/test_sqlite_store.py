@@ -1,0 +1,100 @@
+"""What only the SQLite store does: retention, durability across reopen, error translation."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+from sidecar.protocol.delivery import Replay
+from sidecar.protocol.message import Message, new_id
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.sqlite import SqliteStore
+from tests.sidecar_harness import running_sidecar, settings_for
+
+
+def msg(age: datetime.timedelta = datetime.timedelta(0)) -> Message:
+    enqueued_at = datetime.datetime.now(datetime.UTC) - age
+    return Message(new_id(), "web", "alice", {"t": 1}, enqueued_at=enqueued_at)
+
+
+async def ids_of(store: SqliteStore) -> list[str]:
+    return [
+        m.id for m in await store.pending("web", "alice", Replay(sent=True), after=None, limit=100)
+    ]
+
+
+async def test_max_count_keeps_the_newest(tmp_path: Path) -> None:
+    store = await SqliteStore.open(str(tmp_path / "s.db"), max_count=5)
+    try:
+        messages = [msg() for _ in range(8)]
+        for m in messages[:3]:
+            await store.save([m])
+        await store.save(messages[3:])
+        assert await ids_of(store) == [m.id for m in messages[3:]]
+    finally:
+        await store.aclose()
+
+
+async def test_ttl_prunes_old_messages(tmp_path: Path) -> None:
+    store = await SqliteStore.open(str(tmp_path / "s.db"), ttl_days=1)
+    try:
+        old, fresh = msg(datetime.timedelta(days=2)), msg()
+        await store.save([old, fresh])
+        assert await ids_of(store) == [fresh.id]
+    finally:
+        await store.aclose()
+
+
+async def test_no_ttl_keeps_old_messages(tmp_path: Path) -> None:
+    store = await SqliteStore.open(str(tmp_path / "s.db"), ttl_days=0.0)
+    try:
+        old = msg(datetime.timedelta(days=400))
+        await store.save([old])
+        assert await ids_of(store) == [old.id]
+    finally:
+        await store.aclose()
+
+
+async def test_saved_messages_survive_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    store = await SqliteStore.open(path)
+    m = msg()
+    await store.save([m])
+    await store.aclose()
+    store = await SqliteStore.open(path)
+    try:
+        assert await ids_of(store) == [m.id]
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_errors_become_store_unavailable(tmp_path: Path) -> None:
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    await store.aclose()
+    with pytest.raises(StoreUnavailable):
+        await store.save([msg()])
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+
+
+async def test_unopenable_file_is_store_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        await SqliteStore.open(str(tmp_path / "missing-dir" / "s.db"))
+
+
+async def test_send_answers_503_and_readyz_fails_when_the_store_is_gone(tmp_path: Path) -> None:
+    async with running_sidecar(settings_for(tmp_path)) as sc:
+        store = sc.running.store
+        assert isinstance(store, SqliteStore)
+        # Break the store underneath the running instance.
+        await store.aclose()
+        body = {"connectorId": "web", "recipientId": "alice", "response": {"a": 1}}
+        reply = await sc.client.post(f"{sc.send_url}/v1/send", json=body)
+        assert reply.status_code == 503
+        assert reply.json()["error"]["code"] == "store_unavailable"
+        assert reply.headers["Retry-After"] == "1"
+        for base in (sc.public, sc.send_url):
+            assert (await sc.client.get(f"{base}/readyz")).status_code == 503
+            assert (await sc.client.get(f"{base}/healthz")).status_code == 200

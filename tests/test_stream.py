@@ -1,0 +1,243 @@
+"""The per-connection stream logic with a memory sink and a real SQLite store: no sockets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from sidecar.hub import CloseReason, Hub
+from sidecar.protocol import sse
+from sidecar.protocol.delivery import Replay
+from sidecar.protocol.message import Message, State, new_id
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.sqlite import SqliteStore
+from sidecar.stream import ClientGone, SentMarker, StreamOptions, serve_stream
+
+KEY = ("web", "alice")
+
+
+class MemorySink:
+    """Collects what the stream writes; tests wait for messages through `wait_for`."""
+
+    def __init__(self) -> None:
+        self.parser = sse.Parser()
+        self.events: list[sse.Event] = []
+        self.changed = trio.Event()
+        self.gone = False
+
+    async def send(self, data: bytes) -> None:
+        if self.gone:
+            raise ClientGone
+        self.events.extend(self.parser.feed(data))
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [e.id for e in self.events if e.event == "message" and e.id is not None]
+
+    async def wait_for(self, count: int) -> list[str]:
+        while len(self.message_ids) < count:
+            await self.changed.wait()
+        return self.message_ids
+
+
+class HookedStore(SqliteStore):
+    """A real SQLite store whose replay query can be made to fail or to race live traffic."""
+
+    on_pending: Any = None
+    failures = 0
+
+    async def pending(
+        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
+    ) -> list[Message]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("injected")
+        page = await super().pending(connector_id, recipient_id, replay, after=after, limit=limit)
+        if self.on_pending is not None:
+            hook, self.on_pending = self.on_pending, None
+            await hook(page)
+        return page
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[HookedStore]:
+    opened = await SqliteStore.open(str(tmp_path / "s.db"))
+    opened.__class__ = HookedStore
+    try:
+        yield opened  # type: ignore[misc]
+    finally:
+        await opened.aclose()
+
+
+def message(n: int) -> Message:
+    return Message(new_id(), *KEY, {"n": n})
+
+
+async def save_all(store: SqliteStore, messages: Sequence[Message]) -> None:
+    await store.save(list(messages))
+
+
+def options(**overrides: Any) -> StreamOptions:
+    return StreamOptions(
+        **({"keepalive": 30.0, "replay_sent": False, "replay_page": 2} | overrides)
+    )
+
+
+async def test_message_arriving_during_replay_is_written_once_in_order(store: HookedStore) -> None:
+    hub = Hub(64)
+    marker = SentMarker(store)
+    stored = [message(n) for n in range(5)]
+    await save_all(store, stored)
+    live_new = message(5)
+
+    async def race(page: list[Message]) -> None:
+        # While the replay's first page is being read: one message the replay will also
+        # find (stored[3], on a later page), one only live.
+        await store.save([live_new])
+        hub.dispatch(stored[3])
+        hub.dispatch(live_new)
+
+    store.on_pending = race
+    sink = MemorySink()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        nursery.start_soon(
+            lambda: serve_stream(
+                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
+                options=options(),
+            )
+        )  # fmt: skip
+        ids = await sink.wait_for(6)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.message_ids == [m.id for m in [*stored, live_new]]
+        assert [json.loads(e.data)["n"] for e in sink.events if e.event == "message"] == list(
+            range(6)
+        )
+        assert ids == sorted(ids)
+        nursery.cancel_scope.cancel()
+
+
+async def test_first_frame_is_a_ping_and_replay_precedes_live(store: HookedStore) -> None:
+    hub = Hub(64)
+    marker = SentMarker(store)
+    stored = [message(n) for n in range(3)]
+    await save_all(store, stored)
+    sink = MemorySink()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        nursery.start_soon(
+            lambda: serve_stream(
+                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
+                options=options(),
+            )
+        )  # fmt: skip
+        await sink.wait_for(3)
+        fresh = message(3)
+        await store.save([fresh])
+        assert hub.dispatch(fresh) == 1
+        await sink.wait_for(4)
+        assert sink.events[0] == sse.Event(event="ping", data="1")
+        assert sink.message_ids == [m.id for m in [*stored, fresh]]
+        # Written messages are marked SENT (in a batch, after the write)
+        with trio.fail_after(5):
+            while (await store.get(fresh.id)).state != State.SENT:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+async def test_store_outage_during_replay_keeps_pinging_then_replays(store: HookedStore) -> None:
+    hub = Hub(64)
+    marker = SentMarker(store)
+    stored = [message(n) for n in range(3)]
+    await save_all(store, stored)
+    store.failures = 2
+    sink = MemorySink()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        nursery.start_soon(
+            lambda: serve_stream(
+                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
+                options=options(keepalive=0.2),
+            )
+        )  # fmt: skip
+        assert await sink.wait_for(3) == [m.id for m in stored]
+        # pings kept the stream alive through the back-off (0.5 s then 1 s)
+        assert sum(e.event == "ping" for e in sink.events) >= 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_gone_ends_the_stream_and_unregisters(store: HookedStore) -> None:
+    hub = Hub(64)
+    marker = SentMarker(store)
+    sink = MemorySink()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        done = trio.Event()
+
+        async def run() -> None:
+            await serve_stream(
+                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
+                options=options(),
+            )  # fmt: skip
+            done.set()
+
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.stream_count(KEY) == 1
+        sink.gone = True
+        hub.dispatch(message(0))
+        await done.wait()
+        assert hub.stream_count(KEY) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_hub_close_ends_the_stream(store: HookedStore) -> None:
+    hub = Hub(64)
+    marker = SentMarker(store)
+    sink = MemorySink()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        done = trio.Event()
+
+        async def run() -> None:
+            await serve_stream(
+                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
+                options=options(),
+            )  # fmt: skip
+            done.set()
+
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        hub.close_all(CloseReason.SHUTDOWN)
+        await done.wait()
+        assert hub.stream_count() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_sent_marker_flushes_every_queued_mark_on_close(store: HookedStore) -> None:
+    messages = [message(n) for n in range(1200)]
+    await save_all(store, messages)
+    marker = SentMarker(store, capacity=2000, batch=500)
+    for m in messages:
+        marker.mark(m.id)
+    marker.close()
+    marker.mark(new_id())  # after close: dropped, not an error
+    await marker.run()
+    assert marker.flushed.is_set()
+    assert marker.dropped == 1
+    pending = await store.pending(*KEY, Replay(sent=False), after=None, limit=10)
+    assert pending == []
+
+
+async def test_sent_marker_drops_marks_when_full(store: HookedStore) -> None:
+    marker = SentMarker(store, capacity=2)
+    for _ in range(5):
+        marker.mark(new_id())
+    assert marker.dropped == 3
