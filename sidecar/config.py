@@ -96,14 +96,18 @@ def _positive_int(value: str) -> int:
     return number
 
 
+# MongoDB's TTL indexes take at most 2**31 - 1 seconds.
+MAX_TTL_DAYS = 24855
+
+
 def _days(value: str) -> float | None:
     """Empty: the store's default (SQLite none, MongoDB 7 days). Tock writes -1 (any
     value <= 0) for 'no TTL', kept here as 0."""
     if not value.strip():
         return None
     number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"expected a finite number of days, got {value!r}")
+    if not math.isfinite(number) or number > MAX_TTL_DAYS:
+        raise ValueError(f"expected at most {MAX_TTL_DAYS} days, got {value!r}")
     return number if number > 0 else 0.0
 
 
@@ -143,6 +147,12 @@ def _log_level(value: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
     return level
+
+
+def _one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped (a value quoted in an
+    error message, such as a regular expression, may hold them)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -253,7 +263,7 @@ class Settings:
             try:
                 values[option.name] = option.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+                raise ConfigError(f"{source}: {_one_line(str(exc))}") from None
         return cls(**values)
 
     def connector(self, connector_id: str) -> Connector | None:

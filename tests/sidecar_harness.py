@@ -107,3 +107,57 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
             yield Sidecar(running, shutdown, client)
         finally:
             shutdown.set()
+
+
+@dataclasses.dataclass
+class SidecarProcess:
+    """A sidecar run as `python -m sidecar serve` in a process of its own."""
+
+    process: trio.Process
+    public: str
+    send_url: str
+    log: bytearray
+
+    async def read_log(self) -> bytes:
+        """Everything the process wrote to stderr until it exited."""
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.receive_some():
+            self.log += chunk
+        return bytes(self.log)
+
+
+@asynccontextmanager
+async def spawn_sidecar(env: dict[str, str]) -> AsyncIterator[SidecarProcess]:
+    """Start a sidecar process with `env` added to this one's environment (binds default to
+    free loopback ports) and wait for its "listening" line; kill it on exit if still running."""
+    import os
+    import sys
+
+    full_env = (
+        os.environ
+        | {
+            "SIDECAR_PUBLIC_BIND": "127.0.0.1:0",
+            "SIDECAR_SEND_BIND": "127.0.0.1:0",
+            "SIDECAR_SHUTDOWN_SECONDS": "3",
+        }
+        | env
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "sidecar", "serve"], env=full_env, stderr=-1
+    )
+    try:
+        assert process.stderr is not None
+        log = bytearray()
+        with trio.fail_after(30):
+            while b"sidecar listening:" not in log:
+                chunk = await process.stderr.receive_some()
+                assert chunk, f"sidecar exited before listening:\n{log.decode()}"
+                log += chunk
+        line = next(x for x in log.decode().splitlines() if "sidecar listening:" in x)
+        words = line.split()
+        public, send_url = words[words.index("public") + 1], words[words.index("send") + 1]
+        yield SidecarProcess(process, public, send_url, log)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

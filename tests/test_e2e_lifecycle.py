@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sqlite3
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,7 +13,7 @@ import pytest
 import trio
 
 from sidecar.protocol import sse
-from tests.sidecar_harness import Sidecar, running_sidecar, settings_for
+from tests.sidecar_harness import Sidecar, running_sidecar, settings_for, spawn_sidecar
 
 NOTHING_SEEN = "0" * 24  # a Last-Event-ID before every id: "replay all that is undelivered"
 
@@ -84,76 +82,46 @@ async def test_live_sends_during_a_long_replay_arrive_once_in_order(tmp_path: Pa
 @pytest.mark.time_limit(60)
 async def test_sigterm_drains_streams_and_loses_no_acknowledged_send(tmp_path: Path) -> None:
     db = tmp_path / "sidecar.db"
-    env = os.environ | {
-        "SIDECAR_PUBLIC_BIND": "127.0.0.1:0",
-        "SIDECAR_SEND_BIND": "127.0.0.1:0",
-        "SIDECAR_STORE": f"sqlite:///{db}",
-        "SIDECAR_SHUTDOWN_SECONDS": "3",
-    }
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "sidecar", "serve"], env=env, stderr=-1
-    )
-    try:
-        assert process.stderr is not None
-        log = b""
-        with trio.fail_after(20):
-            while b"sidecar listening:" not in log:
-                chunk = await process.stderr.receive_some()
-                assert chunk, log.decode()
-                log += chunk
-        line = next(x for x in log.decode().splitlines() if "sidecar listening:" in x)
-        words = line.split()
-        public, send_url = words[words.index("public") + 1], words[words.index("send") + 1]
+    accepted: list[str] = []
+    async with spawn_sidecar({"SIDECAR_STORE": f"sqlite:///{db}"}) as sc:
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            client.stream("GET", f"{sc.public}/io/app/web/sse?userId=sam") as stream,
+        ):
+            chunks = stream.aiter_raw()
+            assert (await chunks.__anext__()).startswith(b"event: ping")
+            stop_sending = trio.Event()
 
-        accepted: list[str] = []
-        async with httpx.AsyncClient(timeout=10) as client:
-            async with client.stream("GET", f"{public}/io/app/web/sse?userId=sam") as stream:
-                chunks = stream.aiter_raw()
-                assert (await chunks.__anext__()).startswith(b"event: ping")
-                stop_sending = trio.Event()
+            async def keep_sending() -> None:
+                n = 0
+                while not stop_sending.is_set():
+                    body = {"connectorId": "web", "recipientId": "sam", "response": {"n": n}}
+                    try:
+                        reply = await client.post(f"{sc.send_url}/v1/send", json=body)
+                    except httpx.TransportError:
+                        return  # the listener is gone
+                    if reply.status_code == 202:
+                        accepted.append(reply.json()["id"])
+                    n += 1
 
-                async def keep_sending() -> None:
-                    n = 0
-                    while not stop_sending.is_set():
-                        body = {"connectorId": "web", "recipientId": "sam", "response": {"n": n}}
-                        try:
-                            reply = await client.post(f"{send_url}/v1/send", json=body)
-                        except httpx.TransportError:
-                            return  # the listener is gone
-                        if reply.status_code == 202:
-                            accepted.append(reply.json()["id"])
-                        n += 1
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(keep_sending)
-                    while len(accepted) < 20:
-                        await trio.sleep(0.01)
-                    process.send_signal(signal.SIGTERM)
-                    # The stream ends cleanly (the response completes) soon after SIGTERM.
-                    with trio.fail_after(5):
-                        async for _ in chunks:
-                            pass
-                    stop_sending.set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_sending)
+                while len(accepted) < 20:
+                    await trio.sleep(0.01)
+                sc.process.send_signal(signal.SIGTERM)
+                # The stream ends cleanly (the response completes) soon after SIGTERM.
+                with trio.fail_after(5):
+                    async for _ in chunks:
+                        pass
+                stop_sending.set()
         with trio.fail_after(10):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+            assert await sc.process.wait() == 0
+        assert b"stopped" in await sc.read_log()
     # Every 202 is durably stored.
     with sqlite3.connect(db) as connection:
         stored = {row[0] for row in connection.execute("SELECT id FROM messages")}
     assert accepted
     assert set(accepted) <= stored
-    assert b"stopped" in log + (await _drain(process))
-
-
-async def _drain(process: trio.Process) -> bytes:
-    assert process.stderr is not None
-    rest = b""
-    while chunk := await process.stderr.receive_some():
-        rest += chunk
-    return rest
 
 
 async def test_new_connections_are_refused_after_drain(sidecar: Sidecar) -> None:

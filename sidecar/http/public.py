@@ -35,7 +35,6 @@ from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
 from sidecar.stream import SentMarker, StreamOptions, serve_stream
 
-
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream;charset=UTF-8"),
     (b"cache-control", b"no-cache"),

@@ -56,7 +56,13 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
         raise ApiError(400, "invalid_field", f"{where}response must be a JSON object")
     if settings.connector(connector_id) is None:
         raise ApiError(404, "unknown_connector", f"{where}no connector {connector_id!r}")
-    if len(dumps(response).encode()) > settings.max_payload_bytes:
+    try:
+        size = len(dumps(response).encode())
+        recipient_id.encode()
+    except UnicodeEncodeError:
+        # json.loads accepts lone surrogates ("\ud800"); no browser or store can take them.
+        raise ApiError(400, "invalid_field", f"{where}text is not valid Unicode") from None
+    if size > settings.max_payload_bytes:
         raise ApiError(
             413, "payload_too_large", f"{where}response is over {settings.max_payload_bytes} bytes"
         )

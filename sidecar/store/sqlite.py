@@ -16,9 +16,9 @@ import datetime
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
-from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
