@@ -55,11 +55,53 @@ async def open_sqlite_store(request: pytest.FixtureRequest, tmp_path: Path) -> A
         await store.aclose()
 
 
+@pytest.fixture(scope="session")
+def mongodb_server() -> Iterator[str]:
+    """A MongoDB URI: MONGODB_URI when set, else one memory-backend mongo-java-server for
+    the whole session (stopped at its end)."""
+    from tests.mongo_harness import MongoJavaServer, mongodb_uri_from_env
+
+    uri = mongodb_uri_from_env()
+    if uri is not None:
+        yield uri
+        return
+    server = MongoJavaServer().start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@asynccontextmanager
+async def open_mongo_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A MongoStore on a database of its own, dropped afterwards."""
+    import uuid
+
+    import pymongo
+
+    from sidecar.config import Settings
+    from sidecar.store.mongo import MongoStore
+
+    uri: str = request.getfixturevalue("mongodb_server")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    store = await MongoStore.open(Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": name}))
+
+    def drop() -> None:
+        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+            client.drop_database(name)
+
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await trio.to_thread.run_sync(drop)
+
+
 # Every store implementation, by name: an async context manager giving a fresh, empty store.
 # The store conformance suite runs once per entry.
 STORE_OPENERS: dict[
     str, Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[Store]]
-] = {"sqlite": open_sqlite_store}
+] = {"mongo": open_mongo_store, "sqlite": open_sqlite_store}
 
 
 @pytest.fixture(params=sorted(STORE_OPENERS))

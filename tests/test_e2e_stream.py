@@ -15,7 +15,8 @@ async def test_exact_tock_bytes_on_the_wire(sidecar: Sidecar) -> None:
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
         await stream.send_all(
-            b"GET /io/app/web/sse?userid=bob HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            b"GET /io/app/web/sse?userid=bob HTTP/1.1\r\n"
+            b"Host: x\r\nAccept: text/event-stream\r\n\r\n"
         )
         received = b""
         while b"event: ping\ndata: 1\n\n" not in received:
@@ -71,13 +72,16 @@ async def test_keepalive_pings_at_the_interval(tmp_path) -> None:  # type: ignor
 
 
 async def test_live_message_reaches_every_stream_of_the_user(sidecar: Sidecar) -> None:
-    async with sidecar.stream("erin") as one, sidecar.stream("erin") as two:
-        async with sidecar.stream("frank") as other:
-            message_id = await sidecar.send("erin", text="both")
-            assert (await one.next_message()).id == message_id
-            assert (await two.next_message()).id == message_id
-            mine = await sidecar.send("frank")
-            assert (await other.next_message()).id == mine  # erin's never came here
+    async with (
+        sidecar.stream("erin") as one,
+        sidecar.stream("erin") as two,
+        sidecar.stream("frank") as other,
+    ):
+        message_id = await sidecar.send("erin", text="both")
+        assert (await one.next_message()).id == message_id
+        assert (await two.next_message()).id == message_id
+        mine = await sidecar.send("frank")
+        assert (await other.next_message()).id == mine  # erin's never came here
 
 
 async def test_offline_message_replayed_on_reconnect_then_sent(sidecar: Sidecar) -> None:
@@ -93,3 +97,11 @@ async def test_offline_message_replayed_on_reconnect_then_sent(sidecar: Sidecar)
     async with sidecar.stream("gina") as client:
         fresh = await sidecar.send("gina", n=3)
         assert (await client.next_message()).id == fresh
+
+
+async def test_other_methods_on_the_stream_are_405(sidecar: Sidecar) -> None:
+    for method in ("POST", "PUT", "DELETE"):
+        reply = await sidecar.client.request(method, sidecar.stream_url("zed"))
+        assert reply.status_code == 405
+        assert reply.headers["Allow"] == "GET"
+        assert reply.json()["error"]["code"] == "method_not_allowed"

@@ -112,9 +112,7 @@ async def test_ack_through_follows_the_last_event_id_rule(store: Store) -> None:
     last = messages[3].id
     before = {m.id: (await store.get(m.id)).state for m in messages}  # type: ignore[union-attr]
     moved = await store.ack_through("web", "alice", last)
-    expected = [
-        m.id for m in messages[:6] if acked_by_last_event_id(before[m.id], m.id, last)
-    ]
+    expected = [m.id for m in messages[:6] if acked_by_last_event_id(before[m.id], m.id, last)]
     assert moved == len(expected) == 3
     for m in messages:
         state = (await store.get(m.id)).state  # type: ignore[union-attr]

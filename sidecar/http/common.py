@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Quart, Response
@@ -21,6 +20,19 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(body: str | bytes) -> Any:
+    """Strict JSON (no NaN or Infinity, which browsers' JSON.parse refuses); ApiError 400
+    when `body` is not that."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -106,6 +118,3 @@ def preflight_headers(
         )
         headers.append(("Access-Control-Max-Age", "600"))
     return headers
-
-
-Handler = Callable[..., Awaitable[Response]]

@@ -7,7 +7,6 @@ Everything else is a quart-trio app.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
@@ -28,6 +27,7 @@ from sidecar.http.common import (
     error_body,
     install_error_handlers,
     install_health_routes,
+    parse_json,
     preflight_headers,
 )
 from sidecar.hub import Hub
@@ -69,7 +69,11 @@ class PublicApp:
             if scope["method"] == "OPTIONS":
                 return await self._preflight(scope, send)
             connector = self._streams.get(scope["path"])
-            if connector is not None and scope["method"] == "GET":
+            if connector is not None:
+                if scope["method"] != "GET":
+                    return await self._error(
+                        scope, send, 405, "method_not_allowed", "the stream takes GET", b"GET"
+                    )
                 return await self._stream(connector, scope, receive, send)
         await self._quart(scope, receive, send)
 
@@ -93,10 +97,12 @@ class PublicApp:
         await _respond(send, 204, encoded, b"")
 
     async def _error(
-        self, scope: HTTPScope, send: Send, status: int, code: str, message: str
+        self, scope: HTTPScope, send: Send, status: int, code: str, message: str, allow: bytes = b""
     ) -> None:
         body = error_body(code, message)
         headers = [(b"content-type", b"application/json"), *self._cors(scope)]
+        if allow:
+            headers.append((b"allow", allow))
         if status == 503:
             headers.append((b"retry-after", b"1"))
         await _respond(send, status, headers, body)
@@ -213,17 +219,13 @@ def _ack_view(connector: Connector, store: Store) -> Any:
             raise ApiError(exc.status, exc.code, str(exc)) from None
         if request.mimetype not in ("application/json", "text/plain"):
             raise ApiError(415, "unsupported_media_type", "send the ack as application/json")
-        body = await request.get_data(as_text=False)
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            raise ApiError(400, "invalid_json", "the body is not JSON") from None
+        payload = parse_json(await request.get_data(as_text=False))
         if not isinstance(payload, dict) or not payload.keys() & {"lastEventId", "ids"}:
             raise ApiError(400, "invalid_ack", 'expected {"lastEventId": id} or {"ids": [id, ...]}')
         last = payload.get("lastEventId")
         ids = payload.get("ids", [])
         last_id = normalize_id(last) if isinstance(last, str) else None
-        if last is not None and last_id is None:
+        if "lastEventId" in payload and last_id is None:
             raise ApiError(400, "invalid_ack", "lastEventId is not a message id")
         if not isinstance(ids, list) or len(ids) > MAX_ACK_IDS:
             raise ApiError(400, "invalid_ack", f"ids must be a list of at most {MAX_ACK_IDS} ids")
@@ -235,6 +237,8 @@ def _ack_view(connector: Connector, store: Store) -> Any:
             await store.ack(connector.id, user_id, valid)
         if last_id is not None:
             await store.ack_through(connector.id, user_id, last_id)
-        return Response("", 204)
+        response = Response(b"", 204)
+        del response.headers["Content-Type"]
+        return response
 
     return ack

@@ -7,7 +7,6 @@ open streams of the recipient without waiting for them. Bad input changes nothin
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any
 
 from quart import Response, request
@@ -19,6 +18,7 @@ from sidecar.http.common import (
     install_error_handlers,
     install_health_routes,
     json_response,
+    parse_json,
 )
 from sidecar.hub import Hub
 from sidecar.identity import MAX_USER_ID_LENGTH
@@ -69,10 +69,6 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
     return connector_id, recipient_id, response
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 async def _json_body(limit: int) -> Any:
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "the body must be application/json")
@@ -81,10 +77,7 @@ async def _json_body(limit: int) -> Any:
     body = await request.get_data(as_text=False)
     if len(body) > limit:
         raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    return parse_json(body)
 
 
 def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:

@@ -1,0 +1,637 @@
+"""The MongoDB store, sharing Tock's `web_channel_event` collection field for field.
+
+Documents look exactly like the ones Tock's Kotlin `ChannelMongoDAO` writes:
+
+    {_id: ObjectId, appId: <connector id>, recipientId: str,
+     webConnectorResponse: {...}, status: int32 (0 ENQUEUED, 1 PROCESSED=SENT, 2 DELIVERED),
+     enqueuedAt: date}
+
+so Tock and the sidecar can write to, and read from, the same collection. The sidecar only
+ever inserts whole documents and `$set`s `status` to a higher value; it changes no other
+field and never moves a status backwards.
+
+pymongo's synchronous client does the I/O; every blocking call runs in a trio worker thread.
+The client has short timeouts so that, when MongoDB cannot be reached, every call raises
+`StoreUnavailable` within a few seconds instead of hanging.
+
+The feed tails a change stream on the collection (inserts of the configured connectors
+only), in one dedicated thread per `run_feed` call. It survives network faults and server
+restarts by reopening the stream from its last resume token, and reports `HistoryLost` when
+the server cannot resume from there any more.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import trio
+from bson import ObjectId
+from bson.decimal128 import Decimal128
+from bson.errors import InvalidId
+from bson.timestamp import Timestamp
+from pymongo import ASCENDING, MongoClient
+from pymongo.change_stream import CollectionChangeStream
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import (
+    BulkWriteError,
+    CollectionInvalid,
+    ConnectionFailure,
+    CursorNotFound,
+    OperationFailure,
+    PyMongoError,
+)
+from pymongo.write_concern import WriteConcern
+
+from sidecar.config import Settings
+from sidecar.protocol.delivery import Replay
+from sidecar.protocol.message import Message, State
+from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+
+T = TypeVar("T")
+Document = dict[str, Any]
+
+log = logging.getLogger("sidecar.store.mongo")
+
+COLLECTION = "web_channel_event"
+DEFAULT_DATABASE = "tock_bot"
+DEFAULT_TTL_DAYS = 7.0
+
+# Short enough that the send API answers 503 within a few seconds when MongoDB is down,
+# long enough for a healthy server under load. Applied unless the caller overrides them.
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "serverSelectionTimeoutMS": 2500,
+    "connectTimeoutMS": 2000,
+    "socketTimeoutMS": 5000,
+    "appname": "tock-sse-sidecar",
+}
+# A save is durable once a majority has it; the server gives up before the socket does.
+INSERT_WRITE_CONCERN = WriteConcern(w="majority", wtimeout=4000)
+
+DUPLICATE_KEY = 11000
+NAMESPACE_EXISTS = 48
+INDEX_CONFLICTS = (85, 86)  # IndexOptionsConflict, IndexKeySpecsConflict
+# The server no longer has the change stream's resume point (or rejects it outright).
+HISTORY_LOST_CODES = frozenset({136, 260, 280, 286})
+# Server errors a change stream may be resumed after (the driver's own list, for servers
+# that do not label them ResumableChangeStreamError).
+RESUMABLE_CODES = frozenset(
+    {6, 7, 43, 63, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13388,
+     13435, 13436}
+)  # fmt: skip
+
+# The feed: how long one getMore may wait server-side, how long to pause after an empty
+# batch that came back at once (servers that ignore maxAwaitTimeMS, such as
+# mongo-java-server, would otherwise be polled in a busy loop), and the retry backoff.
+FEED_AWAIT_MS = 300
+FEED_EMPTY_PAUSE = 0.15
+FEED_BACKOFF_FIRST = 0.1
+FEED_BACKOFF_MAX = 2.0
+# How often a waiting feed thread checks whether the trio side was cancelled.
+CANCEL_CHECK_INTERVAL = 0.1
+# Without any better "now" from the server, start this many seconds back (repeats are fine).
+WALL_CLOCK_MARGIN = 3
+
+
+def _oid(value: str) -> ObjectId:
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError):
+        raise ValueError(f"{value!r} is not a message id") from None
+
+
+def _oids(values: Sequence[str]) -> list[ObjectId]:
+    # An id that is not an ObjectId cannot match any stored message: drop it.
+    return [ObjectId(v) for v in values if ObjectId.is_valid(v)]
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=datetime.UTC)
+    return value.astimezone(datetime.UTC)
+
+
+def _jsonable(value: Any) -> Any:
+    """BSON values as JSON-able Python: ObjectId -> hex, date -> ISO-8601 (UTC, ms)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, datetime.datetime):
+        return _utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, Decimal128):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)  # Int64 -> int
+    return value
+
+
+def _document(message: Message) -> Document:
+    return {
+        "_id": ObjectId(message.id),
+        "appId": message.connector_id,
+        "recipientId": message.recipient_id,
+        "webConnectorResponse": message.response,
+        "status": int(message.state),  # a small int: encoded as int32, as Tock writes it
+        "enqueuedAt": message.enqueued_at,
+    }
+
+
+def message_from_document(doc: Mapping[str, Any]) -> Message:
+    """A stored document as a Message; KeyError/ValueError when it is not one."""
+    response = doc["webConnectorResponse"]
+    if not isinstance(response, Mapping):
+        raise ValueError("webConnectorResponse is not a document")
+    enqueued_at = doc.get("enqueuedAt")
+    return Message(
+        id=str(doc["_id"]),
+        connector_id=str(doc["appId"]),
+        recipient_id=str(doc["recipientId"]),
+        response=_jsonable(response),
+        state=State(int(doc.get("status", 0))),
+        enqueued_at=_utc(enqueued_at)
+        if isinstance(enqueued_at, datetime.datetime)
+        else datetime.datetime.now(datetime.UTC),
+    )
+
+
+def _messages(docs: Sequence[Mapping[str, Any]]) -> list[Message]:
+    messages = []
+    for doc in docs:
+        try:
+            messages.append(message_from_document(doc))
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("skipping malformed %s document %r: %r", COLLECTION, doc.get("_id"), exc)
+    return messages
+
+
+def _is_unavailable(exc: PyMongoError) -> bool:
+    """True for errors meaning 'MongoDB cannot do this right now' (network, server
+    selection, timeouts, server-side refusals); False for programming errors."""
+    return isinstance(exc, ConnectionFailure | OperationFailure) or exc.timeout
+
+
+def _resumable(exc: PyMongoError) -> bool:
+    if isinstance(exc, ConnectionFailure | CursorNotFound):
+        return True
+    if isinstance(exc, OperationFailure):
+        return exc.has_error_label("ResumableChangeStreamError") or exc.code in RESUMABLE_CODES
+    return exc.timeout
+
+
+def _history_lost(exc: PyMongoError) -> bool:
+    return isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST_CODES
+
+
+def _pause(seconds: float) -> None:
+    """Wait in a feed thread, returning early (by raising trio.Cancelled) when the trio
+    side is cancelled, so a waiting thread stops within CANCEL_CHECK_INTERVAL."""
+    deadline = time.monotonic() + seconds
+    waiter = threading.Event()
+    while True:
+        trio.from_thread.check_cancelled()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        waiter.wait(min(remaining, CANCEL_CHECK_INTERVAL))
+
+
+def _close_quietly(stream: CollectionChangeStream[Document] | None) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except PyMongoError as exc:  # the server may be gone; the cursor dies with it
+        log.debug("closing change stream: %r", exc)
+
+
+class MongoStore:
+    def __init__(
+        self,
+        client: MongoClient[Document],
+        collection: Collection[Document],
+        connector_ids: Sequence[str],
+        capped: bool,
+    ) -> None:
+        self._client = client
+        self._collection = collection
+        self._inserts = collection.with_options(write_concern=INSERT_WRITE_CONCERN)
+        self._connector_ids = list(connector_ids)
+        self.capped = capped
+        self._readers_lock = threading.Lock()
+        self._readers = 0
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, *, client_options: Mapping[str, Any] | None = None
+    ) -> MongoStore:
+        """Connect to `settings.store`, create `web_channel_event` when it is missing (an
+        existing one is used as is) and log whether it is capped.
+
+        `client_options` are extra MongoClient keyword arguments (tests pass
+        `event_listeners`). Raises StoreUnavailable, with the client closed, when MongoDB
+        cannot be reached or the collection cannot be set up."""
+        options = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
+
+        def connect() -> MongoStore:
+            client: MongoClient[Document] = MongoClient(settings.store, **options)
+            try:
+                if settings.mongo_database:
+                    db: Database[Document] = client[settings.mongo_database]
+                else:
+                    db = client.get_default_database(DEFAULT_DATABASE)
+                capped = _ensure_collection(db, settings)
+                return cls(client, db[COLLECTION], [c.id for c in settings.connectors], capped)
+            except BaseException:
+                client.close()
+                raise
+
+        try:
+            return await trio.to_thread.run_sync(connect)
+        except PyMongoError as exc:
+            if not _is_unavailable(exc):
+                raise
+            raise StoreUnavailable(f"cannot open MongoDB store: {exc}") from exc
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """Run blocking `fn` in a worker thread; MongoDB failures become StoreUnavailable.
+        Not abandoned on cancel: the client timeouts bound how long it can take."""
+
+        def guarded() -> T:
+            try:
+                return fn()
+            except PyMongoError as exc:
+                if not _is_unavailable(exc):
+                    raise
+                raise StoreUnavailable(f"MongoDB: {exc}") from exc
+
+        return await trio.to_thread.run_sync(guarded)
+
+    async def save(self, messages: Sequence[Message]) -> None:
+        """Insert `messages` with write concern majority. Ids already stored are left as
+        they are (a retried save succeeds). MongoDB has no all-or-none here without a
+        transaction: on StoreUnavailable some may be stored, and the retry inserts the
+        rest."""
+        docs = [_document(m) for m in messages]
+        if not docs:
+            return
+
+        def save() -> None:
+            try:
+                self._inserts.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                details = exc.details
+                others = [
+                    e for e in details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
+                ]
+                if others or details.get("writeConcernErrors"):
+                    raise
+
+        await self._run(save)
+
+    async def pending(
+        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
+    ) -> list[Message]:
+        query: Document = {"appId": connector_id, "recipientId": recipient_id}
+        if not replay.sent:
+            query["status"] = int(State.ENQUEUED)
+        elif replay.sent_after is None:
+            query["status"] = {"$lt": int(State.DELIVERED)}
+        else:
+            query["$or"] = [
+                {"status": int(State.ENQUEUED)},
+                {"status": int(State.SENT), "_id": {"$gt": _oid(replay.sent_after)}},
+            ]
+        if after is not None:
+            query["_id"] = {"$gt": _oid(after)}
+        docs = await self._run(
+            lambda: list(self._collection.find(query).sort("_id", ASCENDING).limit(limit))
+        )
+        return _messages(docs)
+
+    async def _set_status(self, query: Document, status: State) -> int:
+        # The only write besides inserts: `status` alone, and only upwards (callers filter
+        # on a lower current status), so a Tock instance sharing the collection never sees
+        # another field change or a status go back.
+        update = {"$set": {"status": int(status)}}
+        result = await self._run(lambda: self._collection.update_many(query, update))
+        return result.modified_count
+
+    async def mark_sent(self, ids: Sequence[str]) -> int:
+        oids = _oids(ids)
+        if not oids:
+            return 0
+        return await self._set_status(
+            {"_id": {"$in": oids}, "status": int(State.ENQUEUED)}, State.SENT
+        )
+
+    async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
+        oids = _oids(ids)
+        if not oids:
+            return 0
+        return await self._set_status(
+            {
+                "appId": connector_id,
+                "recipientId": recipient_id,
+                "_id": {"$in": oids},
+                "status": {"$lt": int(State.DELIVERED)},
+            },
+            State.DELIVERED,
+        )
+
+    async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
+        return await self._set_status(
+            {
+                "appId": connector_id,
+                "recipientId": recipient_id,
+                "status": int(State.SENT),
+                "_id": {"$lte": _oid(last_event_id)},
+            },
+            State.DELIVERED,
+        )
+
+    async def get(self, message_id: str) -> Message | None:
+        if not ObjectId.is_valid(message_id):
+            return None
+        doc = await self._run(lambda: self._collection.find_one({"_id": ObjectId(message_id)}))
+        if doc is None:
+            return None
+        found = _messages([doc])
+        return found[0] if found else None
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._client.admin.command("ping"))
+
+    async def eviction_headroom(self) -> int | None:
+        """For a capped collection, how many more inserts the oldest undelivered message
+        survives before the collection evicts it (the limit when nothing is undelivered);
+        None when the collection is not capped. Approximate: capped collections evict in
+        insertion order, counted here in id order. Raises StoreUnavailable."""
+        if not self.capped:
+            return None
+
+        def headroom() -> int | None:
+            coll = self._collection
+            options = coll.options()
+            limits: list[int] = []
+            if options.get("max"):
+                limits.append(int(options["max"]))
+            try:
+                stats = coll.database.command("collStats", coll.name)
+            except OperationFailure:  # deprecated on recent servers; the count limit remains
+                stats = {}
+            if options.get("size") and stats.get("avgObjSize"):
+                limits.append(int(options["size"]) // int(stats["avgObjSize"]))
+            if not limits:
+                return None
+            limit = min(limits)
+            oldest = coll.find_one(
+                {"status": {"$lt": int(State.DELIVERED)}},
+                projection={"_id": 1},
+                sort=[("_id", ASCENDING)],
+            )
+            if oldest is None:
+                return limit
+            return limit - coll.count_documents({"_id": {"$gte": oldest["_id"]}})
+
+        return await self._run(headroom)
+
+    @property
+    def feed_readers(self) -> int:
+        """How many feed reader threads are running (for tests and observability)."""
+        with self._readers_lock:
+            return self._readers
+
+    # -- the feed ---------------------------------------------------------------------
+
+    def _pipeline(self) -> list[Document]:
+        # Filtered server-side: only inserts of our connectors cross the network.
+        return [
+            {
+                "$match": {
+                    "operationType": "insert",
+                    "fullDocument.appId": {"$in": self._connector_ids},
+                }
+            }
+        ]
+
+    def _now(self) -> Timestamp:
+        """A change stream start point at which everything committed so far is behind.
+
+        Real MongoDB puts the `operationTime` in command replies; mongo-java-server does
+        not, but has a readable `local.oplog.rs`; failing both, the wall clock a few seconds
+        back (repeats are fine, consumers drop them by id)."""
+        reply = self._client.admin.command("ping")
+        latest = reply.get("operationTime")
+        if not isinstance(latest, Timestamp):
+            try:
+                entry = self._client.local["oplog.rs"].find_one(
+                    {}, projection={"ts": 1}, sort=[("$natural", -1)]
+                )
+            except OperationFailure:  # not allowed to read it: fall through
+                entry = None
+            latest = entry.get("ts") if entry is not None else None
+        if not isinstance(latest, Timestamp):
+            return Timestamp(max(int(time.time()) - WALL_CLOCK_MARGIN, 1), 0)
+        # startAtOperationTime is inclusive: start just after the latest operation.
+        if latest.inc >= 0xFFFFFFFF:
+            return Timestamp(latest.time + 1, 0)
+        return Timestamp(latest.time, latest.inc + 1)
+
+    def _watch(
+        self, resume_token: Mapping[str, Any] | None, start: Timestamp | None
+    ) -> CollectionChangeStream[Document]:
+        if resume_token is not None:
+            return self._collection.watch(
+                self._pipeline(), resume_after=resume_token, max_await_time_ms=FEED_AWAIT_MS
+            )
+        # An explicit start point: mongo-java-server sends no operationTime, without which
+        # a plain watch() fails.
+        return self._collection.watch(
+            self._pipeline(),
+            start_at_operation_time=start or self._now(),
+            max_await_time_ms=FEED_AWAIT_MS,
+        )
+
+    async def run_feed(
+        self,
+        send: trio.MemorySendChannel[FeedItem],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Open a change stream from now (retrying with backoff while MongoDB is down),
+        call `task_status.started()`, then tail it in one dedicated thread until cancelled.
+
+        The thread blocks on `send` when the channel is full and stops within a fraction
+        of a second of cancellation; it closes its stream on the way out. Errors never end
+        the feed: transient ones reopen the stream from the last resume token; a lost
+        resume point sends `HistoryLost` and restarts from now."""
+        backoff = FEED_BACKOFF_FIRST
+        while True:
+            try:
+                start = await self._run(self._now)
+                stream = await self._run(functools.partial(self._watch, None, start))
+                break
+            except StoreUnavailable as exc:
+                log.warning("cannot open the change stream, retrying in %.1fs: %s", backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, FEED_BACKOFF_MAX)
+        taken = threading.Event()
+        try:
+            task_status.started()
+            await trio.to_thread.run_sync(
+                self._tail,
+                stream,
+                start,
+                send,
+                taken,
+                abandon_on_cancel=False,
+                # Its own token: the reader lives as long as the feed and must not hold one
+                # of the default limiter's, which the store calls share.
+                limiter=trio.CapacityLimiter(1),
+            )
+        finally:
+            if not taken.is_set():  # cancelled before the thread took the stream over
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_close_quietly, stream)
+
+    def _tail(
+        self,
+        stream: CollectionChangeStream[Document],
+        start: Timestamp,
+        send: trio.MemorySendChannel[FeedItem],
+        taken: threading.Event,
+    ) -> None:
+        """The reader thread: owns `stream` (and its replacements) and closes it on exit.
+        Leaves by trio.Cancelled, raised by check_cancelled/from_thread when the trio side
+        is cancelled."""
+        taken.set()
+        with self._readers_lock:
+            self._readers += 1
+        current: CollectionChangeStream[Document] | None = stream
+        token: Mapping[str, Any] | None = None
+        backoff = FEED_BACKOFF_FIRST
+        try:
+            while True:
+                trio.from_thread.check_cancelled()
+                if current is None:
+                    try:
+                        current = self._watch(token, start)
+                    except PyMongoError as exc:
+                        if _history_lost(exc) or (token is not None and not _resumable(exc)):
+                            # The server rejects our resume point: what was written since
+                            # is unknown.
+                            log.warning("change stream cannot resume (%r): history lost", exc)
+                            trio.from_thread.run(send.send, HistoryLost())
+                            token, start = None, self._fresh_start(start)
+                        else:
+                            log.warning("reopening the change stream failed: %r", exc)
+                        _pause(backoff)
+                        backoff = min(backoff * 2, FEED_BACKOFF_MAX)
+                        continue
+                    where = "from its resume token" if token is not None else f"at {start}"
+                    log.warning("change stream resumed %s", where)
+                began = time.monotonic()
+                try:
+                    change = current.try_next()
+                except PyMongoError as exc:
+                    token = current.resume_token or token
+                    _close_quietly(current)
+                    current = None
+                    if _history_lost(exc):
+                        log.warning("change stream history lost (%r): restarting from now", exc)
+                        trio.from_thread.run(send.send, HistoryLost())
+                        token, start = None, self._fresh_start(start)
+                    else:
+                        log.warning("change stream interrupted (%r): resuming", exc)
+                    # A server that fails every getMore must not be hammered in a loop.
+                    _pause(backoff)
+                    backoff = min(backoff * 2, FEED_BACKOFF_MAX)
+                    continue
+                token = current.resume_token or token
+                backoff = FEED_BACKOFF_FIRST
+                if change is None:
+                    if time.monotonic() - began < FEED_EMPTY_PAUSE:
+                        _pause(FEED_EMPTY_PAUSE)
+                    continue
+                document = change.get("fullDocument")
+                messages = _messages([document]) if isinstance(document, Mapping) else []
+                for message in messages:
+                    trio.from_thread.run(send.send, message)
+        finally:
+            _close_quietly(current)
+            with self._readers_lock:
+                self._readers -= 1
+
+    def _fresh_start(self, previous: Timestamp) -> Timestamp:
+        """A new start point after the history was lost: now, or (server unreachable) the
+        previous one, which the reopen will then report lost again if it still is."""
+        try:
+            return self._now()
+        except PyMongoError:
+            return previous
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._client.close)
+
+
+def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
+    """Create `web_channel_event` with its indexes when missing; return whether it is
+    capped. Losing a creation race to another instance is fine."""
+    if COLLECTION not in db.list_collection_names(filter={"name": COLLECTION}):
+        try:
+            if settings.mongo_capped:
+                # As Tock creates it: size in bytes from the KB setting, max documents.
+                size_kb = settings.queue_max_size_kb or 2 * settings.queue_max_count
+                db.create_collection(
+                    COLLECTION,
+                    capped=True,
+                    size=size_kb * 1000,
+                    max=settings.queue_max_count,
+                    check_exists=False,
+                )
+            else:
+                db.create_collection(COLLECTION, check_exists=False)
+        except CollectionInvalid:
+            pass
+        except OperationFailure as exc:
+            if exc.code != NAMESPACE_EXISTS:
+                raise
+        else:
+            _create_indexes(db[COLLECTION], settings)
+    options = db[COLLECTION].options()
+    capped = bool(options.get("capped"))
+    if capped:
+        log.info(
+            "%s.%s is capped (max %s documents, %s bytes): undelivered messages are evicted "
+            "when it is full",
+            db.name, COLLECTION, options.get("max"), options.get("size"),
+        )  # fmt: skip
+    else:
+        log.info("%s.%s is not capped", db.name, COLLECTION)
+    return capped
+
+
+def _create_indexes(collection: Collection[Document], settings: Settings) -> None:
+    ttl_days = DEFAULT_TTL_DAYS if settings.queue_ttl_days is None else settings.queue_ttl_days
+    specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+        ([("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)], {})
+    ]
+    # MongoDB refuses TTL indexes on capped collections; the cap bounds those instead.
+    if ttl_days > 0 and not settings.mongo_capped:
+        specs.append(([("enqueuedAt", 1)], {"expireAfterSeconds": int(ttl_days * 86400)}))
+    for keys, extra in specs:
+        try:
+            collection.create_index(keys, **extra)
+        except OperationFailure as exc:
+            if exc.code not in INDEX_CONFLICTS:
+                raise
+            log.warning("index %s on %s exists with other options: kept", keys, COLLECTION)

@@ -1,0 +1,533 @@
+"""MongoStore behaviour beyond the conformance suite: Tock's document shape, the exact
+updates it sends, the change-stream tailer's cancellation and fault handling, and how the
+collection is set up.
+
+Runs against MONGODB_URI when set, else the session's mongo-java-server (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+import trio
+from bson import ObjectId
+from bson.int64 import Int64
+from pymongo import monitoring, uri_parser
+
+from sidecar.config import Settings
+from sidecar.protocol.delivery import Replay
+from sidecar.protocol.message import Message, State, new_id
+from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+from sidecar.store.mongo import COLLECTION, MongoStore
+from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port
+
+RawClient = pymongo.MongoClient[dict[str, Any]]
+
+
+class Commands(monitoring.CommandListener):
+    """Records every command the client starts (pymongo calls it from its own threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: list[monitoring.CommandStartedEvent] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        with self._lock:
+            self._started.append(event)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def clear(self) -> None:
+        with self._lock:
+            self._started.clear()
+
+    def commands(self, name: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                dict(e.command) for e in self._started if name is None or e.command_name == name
+            ]
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return {e.command_name for e in self._started}
+
+
+@pytest.fixture
+def mongo_uri(mongodb_server: str) -> str:
+    return mongodb_server
+
+
+@pytest.fixture
+def raw(mongo_uri: str) -> Iterator[RawClient]:
+    """A plain client straight to the server (never through a proxy)."""
+    with pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True) as client:
+        yield client
+
+
+@pytest.fixture
+def db_name(raw: RawClient) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    raw.drop_database(name)
+
+
+def settings(uri: str, db: str, **env: str) -> Settings:
+    return Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": db} | env)
+
+
+@asynccontextmanager
+async def opened(
+    uri: str, db: str, *, client_options: dict[str, Any] | None = None, **env: str
+) -> AsyncIterator[MongoStore]:
+    store = await MongoStore.open(settings(uri, db, **env), client_options=client_options)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def message(recipient: str = "alice", connector: str = "web") -> Message:
+    return Message(new_id(), connector, recipient, {"responses": [{"text": recipient}]})
+
+
+async def receive_ids(
+    receive: trio.MemoryReceiveChannel[FeedItem], wanted: set[str], seconds: float = 10.0
+) -> list[FeedItem]:
+    """Read the feed until every id in `wanted` came out (within `seconds`); returns all
+    items read, in order."""
+    items: list[FeedItem] = []
+    missing = set(wanted)
+    with trio.fail_after(seconds):
+        while missing:
+            item = await receive.receive()
+            items.append(item)
+            if isinstance(item, Message):
+                missing.discard(item.id)
+    return items
+
+
+def proxied_uri(uri: str, port: int) -> str:
+    parsed = uri_parser.parse_uri(uri)
+    auth = ""
+    if parsed["username"]:
+        from urllib.parse import quote_plus
+
+        auth = f"{quote_plus(parsed['username'])}:{quote_plus(parsed['password'] or '')}@"
+    return f"mongodb://{auth}127.0.0.1:{port}/?directConnection=true"
+
+
+def server_address(uri: str) -> tuple[str, int]:
+    host, port = uri_parser.parse_uri(uri)["nodelist"][0]
+    return str(host), int(port)
+
+
+# -- (a) Tock's documents -------------------------------------------------------------
+
+
+async def test_tock_written_document_comes_out_of_feed_and_pending(
+    mongo_uri: str, db_name: str, raw: RawClient
+) -> None:
+    ref = ObjectId()
+    at = datetime.datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.UTC)
+    enqueued_at = datetime.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=datetime.UTC)
+    oid = ObjectId()
+    # Exactly what Tock's Kotlin ChannelMongoDAO inserts (a small Python int is an int32).
+    tock_doc = {
+        "_id": oid,
+        "appId": "web",
+        "recipientId": "alice",
+        "webConnectorResponse": {
+            "responses": [{"text": "hi", "ref": ref, "at": at, "count": Int64(7)}],
+            "metadata": {"nested": [ref, {"when": at}]},
+        },
+        "status": 0,
+        "enqueuedAt": enqueued_at,
+    }
+    expected_response = {
+        "responses": [
+            {"text": "hi", "ref": str(ref), "at": "2024-01-02T03:04:05.678Z", "count": 7}
+        ],
+        "metadata": {"nested": [str(ref), {"when": "2024-01-02T03:04:05.678Z"}]},
+    }
+    async with opened(mongo_uri, db_name) as store:
+        send, receive = trio.open_memory_channel[FeedItem](10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_feed, send)
+            await trio.to_thread.run_sync(lambda: raw[db_name][COLLECTION].insert_one(tock_doc))
+            items = await receive_ids(receive, {str(oid)})
+            fed = items[-1]
+            nursery.cancel_scope.cancel()
+        assert isinstance(fed, Message)
+        assert (fed.id, fed.connector_id, fed.recipient_id, fed.state) == (
+            str(oid), "web", "alice", State.ENQUEUED,
+        )  # fmt: skip
+        assert fed.response == expected_response
+        assert fed.enqueued_at == enqueued_at
+        [pending] = await store.pending("web", "alice", Replay(sent=False), after=None, limit=10)
+        assert pending == fed
+        assert await store.get(str(oid)) == fed
+
+
+async def test_saved_document_has_tocks_fields_and_types(
+    mongo_uri: str, db_name: str, raw: RawClient
+) -> None:
+    m = message()
+    async with opened(mongo_uri, db_name) as store:
+        await store.save([m])
+        await store.mark_sent([m.id])
+    coll = raw[db_name][COLLECTION]
+    doc = await trio.to_thread.run_sync(lambda: coll.find_one({"_id": ObjectId(m.id)}))
+    assert doc is not None
+    assert set(doc) == {
+        "_id",
+        "appId",
+        "recipientId",
+        "webConnectorResponse",
+        "status",
+        "enqueuedAt",
+    }
+    assert doc["appId"] == "web"
+    assert doc["recipientId"] == "alice"
+    assert doc["webConnectorResponse"] == m.response
+    assert isinstance(doc["enqueuedAt"], datetime.datetime)
+    # status is stored as a BSON int32 (type 16), as the Kotlin DAO reads it.
+    int32 = await trio.to_thread.run_sync(
+        lambda: coll.count_documents({"_id": ObjectId(m.id), "status": {"$type": "int"}})
+    )
+    assert (doc["status"], int32) == (1, 1)
+
+
+# -- (b) the only updates are upward `$set`s of `status` ------------------------------
+
+
+def _lower_than(condition: Any, target: int) -> bool:
+    if isinstance(condition, int):
+        return condition < target
+    if isinstance(condition, dict) and set(condition) == {"$lt"}:
+        return isinstance(condition["$lt"], int) and condition["$lt"] <= target
+    return False
+
+
+async def test_updates_set_only_status_upwards(mongo_uri: str, db_name: str) -> None:
+    commands = Commands()
+    async with opened(mongo_uri, db_name, client_options={"event_listeners": [commands]}) as store:
+        messages = [message() for _ in range(4)]
+        await store.save(messages)
+        commands.clear()
+        assert await store.mark_sent([m.id for m in messages[:3]]) == 3
+        assert await store.ack("web", "alice", [messages[0].id, messages[3].id]) == 2
+        assert await store.ack_through("web", "alice", messages[2].id) == 2
+        assert await store.mark_sent([]) == 0
+        assert await store.ack("web", "alice", []) == 0
+
+    assert commands.names() == {"update"}
+    updates = [u for cmd in commands.commands("update") for u in cmd["updates"]]
+    assert len(updates) == 3
+    for update, target in zip(updates, (1, 2, 2), strict=True):
+        assert update["u"] == {"$set": {"status": target}}
+        assert type(update["u"]["$set"]["status"]) is int
+        assert update.get("upsert", False) is False
+        assert update.get("multi") is True
+        assert _lower_than(update["q"]["status"], target), update["q"]
+
+
+# -- (c) cancellation ----------------------------------------------------------------
+
+
+async def test_cancelling_the_feed_stops_its_thread_within_a_second(
+    mongo_uri: str, db_name: str
+) -> None:
+    async with opened(mongo_uri, db_name) as store:
+        send, receive = trio.open_memory_channel[FeedItem](0)
+        for blocked_on_send in (False, True):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_feed, send)
+                with trio.fail_after(2):  # the reader thread starts just after started()
+                    while store.feed_readers != 1:
+                        await trio.sleep(0.01)
+                if blocked_on_send:
+                    # Nobody receives: the reader thread blocks in send (backpressure).
+                    await store.save([message()])
+                    await trio.sleep(0.5)
+                began = trio.current_time()
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() - began < 1.0
+            # abandon_on_cancel=False: the reader has returned (and closed its stream).
+            assert store.feed_readers == 0
+        receive.close()
+
+
+# -- (d) network faults -------------------------------------------------------------
+
+
+@pytest.mark.time_limit(60)
+async def test_feed_survives_a_network_cut(mongo_uri: str, db_name: str, raw: RawClient) -> None:
+    host, port = server_address(mongo_uri)
+    with TcpProxy(host, port) as proxy:
+        uri = proxied_uri(mongo_uri, proxy.port)
+        # retryWrites off: the 503 comes after one server selection timeout, not two.
+        options = {"heartbeatFrequencyMS": 500, "retryWrites": False}
+        async with opened(uri, db_name, client_options=options) as store:
+            send, receive = trio.open_memory_channel[FeedItem](100)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_feed, send)
+                first = message()
+                await store.save([first])
+                await receive_ids(receive, {first.id})
+
+                await trio.to_thread.run_sync(proxy.cut)
+                began = trio.current_time()
+                with pytest.raises(StoreUnavailable):
+                    await store.save([message()])
+                assert trio.current_time() - began < 5.0
+                # Written while the sidecar cannot see the server.
+                while_cut = message("bob")
+                coll = raw[db_name][COLLECTION]
+                await trio.to_thread.run_sync(
+                    lambda: coll.insert_one(
+                        {
+                            "_id": ObjectId(while_cut.id),
+                            "appId": "web",
+                            "recipientId": "bob",
+                            "webConnectorResponse": while_cut.response,
+                            "status": 0,
+                            "enqueuedAt": while_cut.enqueued_at,
+                        }
+                    )
+                )
+                proxy.restore()
+
+                after = message()
+                with trio.fail_after(15):
+                    while True:
+                        try:
+                            await store.save([after])
+                            break
+                        except StoreUnavailable:
+                            await trio.sleep(0.2)
+                items = await receive_ids(receive, {while_cut.id, after.id}, seconds=20)
+                assert not any(isinstance(i, HistoryLost) for i in items)
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.time_limit(60)
+async def test_feed_start_waits_until_mongodb_answers(mongo_uri: str, db_name: str) -> None:
+    host, port = server_address(mongo_uri)
+    with TcpProxy(host, port) as proxy:
+        uri = proxied_uri(mongo_uri, proxy.port)
+        async with opened(uri, db_name, client_options={"heartbeatFrequencyMS": 500}) as store:
+            await trio.to_thread.run_sync(proxy.cut)
+            send, receive = trio.open_memory_channel[FeedItem](100)
+            started = trio.Event()
+
+            async def start_feed(nursery: trio.Nursery) -> None:
+                await nursery.start(store.run_feed, send)
+                started.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start_feed, nursery)
+                with trio.move_on_after(1.0):
+                    await started.wait()
+                assert not started.is_set()  # no change stream yet: not watching
+                proxy.restore()
+                with trio.fail_after(15):
+                    await started.wait()
+                m = message()
+                await store.save([m])
+                await receive_ids(receive, {m.id})
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.time_limit(60)
+async def test_feed_waits_out_a_server_restart(tmp_path: Path) -> None:
+    """The server goes away (H2 backend, so the data survives) and comes back on the same
+    port: saves fail meanwhile, the feed keeps retrying and picks up where it was."""
+    server = MongoJavaServer()
+    await trio.to_thread.run_sync(lambda: server.start(h2_path=tmp_path / "mongo.h2"))
+    try:
+        options = {"heartbeatFrequencyMS": 500}
+        async with opened(server.uri, "restart", client_options=options) as store:
+            send, receive = trio.open_memory_channel[FeedItem](100)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_feed, send)
+                first = message()
+                await store.save([first])
+                await receive_ids(receive, {first.id})
+
+                await trio.to_thread.run_sync(server.stop)
+                with pytest.raises(StoreUnavailable):
+                    await store.save([message()])
+                with pytest.raises(StoreUnavailable):
+                    await store.ping()
+                port = server.port
+                await trio.to_thread.run_sync(
+                    lambda: server.start(h2_path=tmp_path / "mongo.h2", port=port)
+                )
+                after = message()
+                with trio.fail_after(15):
+                    while True:
+                        try:
+                            await store.save([after])
+                            break
+                        except StoreUnavailable:
+                            await trio.sleep(0.2)
+                await receive_ids(receive, {after.id}, seconds=20)
+                nursery.cancel_scope.cancel()
+            assert await store.get(first.id) is not None
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+
+
+# -- (e) the server kills the change stream's cursor ---------------------------------
+
+
+async def test_feed_resumes_after_its_cursor_is_killed(
+    mongo_uri: str, db_name: str, raw: RawClient
+) -> None:
+    commands = Commands()
+    async with opened(mongo_uri, db_name, client_options={"event_listeners": [commands]}) as store:
+        send, receive = trio.open_memory_channel[FeedItem](100)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_feed, send)
+            first = message()
+            await store.save([first])
+            await receive_ids(receive, {first.id})
+
+            cursor_ids = {c["getMore"] for c in commands.commands("getMore")}
+            with trio.fail_after(5):
+                while not cursor_ids:
+                    await trio.sleep(0.05)
+                    cursor_ids = {c["getMore"] for c in commands.commands("getMore")}
+            [cursor_id] = cursor_ids
+            aggregates = len(commands.commands("aggregate"))
+            killed = await trio.to_thread.run_sync(
+                lambda: raw[db_name].command("killCursors", COLLECTION, cursors=[cursor_id])
+            )
+            assert killed["cursorsKilled"] == [cursor_id]
+            lost = [message() for _ in range(3)]
+            for m in lost:
+                await store.save([m])
+            items = await receive_ids(receive, {m.id for m in lost})
+            assert not any(isinstance(i, HistoryLost) for i in items)
+            # It really was a new change stream that delivered them.
+            assert len(commands.commands("aggregate")) > aggregates
+            nursery.cancel_scope.cancel()
+
+
+# -- (f) collection set-up -----------------------------------------------------------
+
+
+def _indexes(raw: RawClient, db: str) -> dict[str, dict[str, Any]]:
+    return {ix["name"]: dict(ix) for ix in raw[db][COLLECTION].list_indexes()}
+
+
+async def test_missing_collection_gets_ttl_and_recipient_indexes(
+    mongo_uri: str, db_name: str, raw: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sidecar.store.mongo")
+    async with opened(mongo_uri, db_name) as store:
+        assert store.capped is False
+        assert await store.eviction_headroom() is None
+    indexes = await trio.to_thread.run_sync(_indexes, raw, db_name)
+    keyed = {tuple(ix["key"].items()): ix for ix in indexes.values()}
+    ttl = keyed[(("enqueuedAt", 1),)]
+    assert ttl["expireAfterSeconds"] == 7 * 86400
+    assert (("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)) in keyed
+    assert any("is not capped" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("ttl_env", "expected"), [("0", None), ("1.5", 129600), ("-1", None)])
+async def test_ttl_setting(
+    mongo_uri: str, db_name: str, raw: RawClient, ttl_env: str, expected: int | None
+) -> None:
+    async with opened(mongo_uri, db_name, SIDECAR_QUEUE_TTL_DAYS=ttl_env):
+        pass
+    indexes = await trio.to_thread.run_sync(_indexes, raw, db_name)
+    ttls = [ix["expireAfterSeconds"] for ix in indexes.values() if "expireAfterSeconds" in ix]
+    assert ttls == ([] if expected is None else [expected])
+    assert len(indexes) == 2 + len(ttls)  # _id, the recipient index, the TTL index
+
+
+async def test_existing_collection_is_left_as_is(
+    mongo_uri: str, db_name: str, raw: RawClient
+) -> None:
+    await trio.to_thread.run_sync(lambda: raw[db_name].create_collection(COLLECTION))
+    before = await trio.to_thread.run_sync(_indexes, raw, db_name)
+    async with opened(mongo_uri, db_name) as store:
+        m = message()
+        await store.save([m])
+        assert await store.get(m.id) is not None
+    assert (
+        await trio.to_thread.run_sync(_indexes, raw, db_name) == before == {"_id_": before["_id_"]}
+    )
+
+
+async def test_capped_collection_and_eviction_headroom(
+    mongo_uri: str, db_name: str, raw: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sidecar.store.mongo")
+    try:
+        store = await MongoStore.open(
+            settings(mongo_uri, db_name, SIDECAR_MONGO_CAPPED="true", SIDECAR_QUEUE_MAX_COUNT="10")
+        )
+    except StoreUnavailable as exc:
+        if "capped" in str(exc).lower():
+            pytest.skip(f"this server cannot create capped collections: {exc}")
+        raise
+    try:
+        assert store.capped is True
+        assert any("is capped" in r.getMessage() for r in caplog.records)
+        options = await trio.to_thread.run_sync(lambda: raw[db_name][COLLECTION].options())
+        assert (options["capped"], options["max"], options["size"]) == (True, 10, 20 * 1000)
+        indexes = await trio.to_thread.run_sync(_indexes, raw, db_name)
+        keys = [tuple(ix["key"].items()) for ix in indexes.values()]
+        assert (("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)) in keys
+        assert not any("expireAfterSeconds" in ix for ix in indexes.values())
+
+        assert await store.eviction_headroom() == 10  # nothing undelivered
+        messages = [message() for _ in range(3)]
+        await store.save(messages)
+        await store.ack("web", "alice", [messages[0].id])
+        # The oldest undelivered is messages[1]: it and one newer one are in the 10.
+        assert await store.eviction_headroom() == 10 - 2
+    finally:
+        await store.aclose()
+
+
+async def test_open_fails_fast_when_mongodb_is_unreachable() -> None:
+    uri = f"mongodb://127.0.0.1:{free_port()}/?directConnection=true"
+    began = trio.current_time()
+    with pytest.raises(StoreUnavailable):
+        await MongoStore.open(settings(uri, "t_unreachable"))
+    assert trio.current_time() - began < 5.0
+
+
+def test_error_classification() -> None:
+    from pymongo.errors import AutoReconnect, OperationFailure
+
+    from sidecar.store.mongo import _history_lost, _is_unavailable, _resumable
+
+    lost = OperationFailure("resume point gone", code=286)
+    assert _history_lost(lost)
+    assert _is_unavailable(lost)
+    assert not _resumable(lost)
+    assert _resumable(AutoReconnect("reset"))
+    assert not _history_lost(AutoReconnect("reset"))
+    assert _resumable(OperationFailure("stepped down", code=189))
+    labelled = OperationFailure(
+        "x", code=1, details={"errorLabels": ["ResumableChangeStreamError"]}
+    )
+    assert _resumable(labelled)
+    assert not _resumable(OperationFailure("unauthorized", code=13))
