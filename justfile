@@ -21,7 +21,7 @@ check:
     {{venv}}/ruff check sidecar tests
     {{venv}}/ruff format --check sidecar tests
     {{venv}}/mypy
-    just test
+    {{just_executable()}} test
 
 # Apply the formatter and the safe lint fixes.
 fmt:
