@@ -502,6 +502,7 @@ async def test_capped_collection_and_eviction_headroom(
         await store.ack("web", "alice", [messages[0].id])
         # The oldest undelivered is messages[1]: it and one newer one are in the 10.
         assert await store.eviction_headroom() == 10 - 2
+        assert await store.ping() == {"kind": "mongodb", "capped": True, "evictionHeadroom": 8}
     finally:
         await store.aclose()
 

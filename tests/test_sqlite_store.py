@@ -11,7 +11,6 @@ from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, new_id
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.sqlite import SqliteStore
-from tests.sidecar_harness import running_sidecar, settings_for
 
 
 def msg(age: datetime.timedelta = datetime.timedelta(0)) -> Message:
@@ -82,19 +81,3 @@ async def test_sqlite_errors_become_store_unavailable(tmp_path: Path) -> None:
 async def test_unopenable_file_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="cannot open"):
         await SqliteStore.open(str(tmp_path / "missing-dir" / "s.db"))
-
-
-async def test_send_answers_503_and_readyz_fails_when_the_store_is_gone(tmp_path: Path) -> None:
-    async with running_sidecar(settings_for(tmp_path)) as sc:
-        store = sc.running.store
-        assert isinstance(store, SqliteStore)
-        # Break the store underneath the running instance.
-        await store.aclose()
-        body = {"connectorId": "web", "recipientId": "alice", "response": {"a": 1}}
-        reply = await sc.client.post(f"{sc.send_url}/v1/send", json=body)
-        assert reply.status_code == 503
-        assert reply.json()["error"]["code"] == "store_unavailable"
-        assert reply.headers["Retry-After"] == "1"
-        for base in (sc.public, sc.send_url):
-            assert (await sc.client.get(f"{base}/readyz")).status_code == 503
-            assert (await sc.client.get(f"{base}/healthz")).status_code == 200

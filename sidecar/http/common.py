@@ -85,10 +85,10 @@ def install_health_routes(app: Quart, store: Store) -> None:
     @app.get("/readyz")
     async def readyz() -> Response:
         try:
-            await store.ping()
+            details = await store.ping()
         except StoreUnavailable as exc:
-            return json_response({"status": "unavailable", "store": str(exc)}, 503)
-        return json_response({"status": "ok"})
+            return json_response({"status": "unavailable", "store": {"error": str(exc)}}, 503)
+        return json_response({"status": "ok", "store": details})
 
 
 def cors_headers(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -56,8 +56,9 @@ class Store(Protocol):
     async def get(self, message_id: str) -> Message | None:
         """One message by id, or None."""
 
-    async def ping(self) -> None:
-        """Return when the store answers; raise StoreUnavailable otherwise."""
+    async def ping(self) -> dict[str, Any]:
+        """Return when the store answers, with what an operator should know about it
+        (JSON-able; /readyz shows it); raise StoreUnavailable otherwise."""
 
     async def run_feed(
         self,

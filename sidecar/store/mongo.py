@@ -367,8 +367,14 @@ class MongoStore:
         found = _messages([doc])
         return found[0] if found else None
 
-    async def ping(self) -> None:
+    async def ping(self) -> dict[str, Any]:
+        """Also says whether the collection is capped and, when it is, how many inserts the
+        oldest undelivered message has left before eviction."""
         await self._run(lambda: self._client.admin.command("ping"))
+        details: dict[str, Any] = {"kind": "mongodb", "capped": self.capped}
+        if self.capped:
+            details["evictionHeadroom"] = await self.eviction_headroom()
+        return details
 
     async def eviction_headroom(self) -> int | None:
         """For a capped collection, how many more inserts the oldest undelivered message

@@ -190,8 +190,9 @@ class SqliteStore:
         row = await self._run(lambda: self._db.execute(sql, (message_id,)).fetchone())
         return None if row is None else _row(row)
 
-    async def ping(self) -> None:
+    async def ping(self) -> dict[str, Any]:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+        return {"kind": "sqlite"}
 
     async def run_feed(
         self,
