@@ -241,3 +241,30 @@ async def test_sent_marker_drops_marks_when_full(store: HookedStore) -> None:
     for _ in range(5):
         marker.mark(new_id())
     assert marker.dropped == 3
+
+
+async def test_history_lost_makes_open_streams_catch_up_from_the_store(
+    store: HookedStore,
+) -> None:
+    hub = Hub(64)
+    marker = SentMarker(store)
+    sink = MemorySink()
+    first = message(0)
+    await store.save([first])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        nursery.start_soon(
+            lambda: serve_stream(
+                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
+                options=options(),
+            )
+        )  # fmt: skip
+        await sink.wait_for(1)
+        # Saved while the feed was not looking: nobody dispatched it.
+        missed = message(1)
+        await store.save([missed])
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.message_ids == [first.id]
+        hub.history_lost()
+        assert await sink.wait_for(2) == [first.id, missed.id]
+        nursery.cancel_scope.cancel()
