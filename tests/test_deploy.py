@@ -1,0 +1,612 @@
+"""deploy/: the files parse, agree with the sidecar's real settings and with each other, the
+compose file passes `docker-compose config`, nginx.conf passes `nginx -t` and carries a real
+stream, and the Dockerfile's health check and the demo bot work against a real sidecar.
+
+No container engine here, so the image is never built and nothing is run in a container.
+nginx and docker-compose come from Debian's packages (.ci/run installs them); without them
+these tests skip, except in CI (CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+import yaml
+
+from sidecar.config import OPTIONS, Settings
+from sidecar.protocol.message import State
+from tests.sidecar_harness import running_sidecar, settings_for
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SETTING_ENVS = {option.env for option in OPTIONS}
+TOCK_ALIASES = {alias for option in OPTIONS for alias in option.aliases}
+# What a Secret would hold, for loading a container's settings.
+SECRET_PLACEHOLDER = "mongodb://mongo-0.mongo,mongo-1.mongo/?replicaSet=rs0"
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# --- Kubernetes -----------------------------------------------------------------------------
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    documents = []
+    for path in sorted(K8S.glob("*.yaml")):
+        documents += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return documents
+
+
+def k8s_one(kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [
+        d
+        for d in k8s_documents()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    return found
+
+
+def pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_one("Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def sidecar_container() -> dict[str, Any]:
+    (container,) = [c for c in pod_spec()["containers"] if "tock-sse-sidecar" in c["image"]]
+    return container
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's environment, secret references replaced by a plausible value."""
+    env = {}
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value", SECRET_PLACEHOLDER)
+    return env
+
+
+def resolve_port(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    assert isinstance(number, int)
+    return number
+
+
+def test_every_deploy_yaml_parses() -> None:
+    files = [*DEPLOY.glob("*.yaml"), *K8S.glob("*.yaml")]
+    assert len(files) >= 6
+    for path in files:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert documents, path
+        for document in documents:
+            assert isinstance(document, dict), path
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_every_sidecar_variable_named_anywhere_is_a_real_setting() -> None:
+    texts = [p for p in DEPLOY.rglob("*") if p.is_file()]
+    texts += [ROOT / "docs" / "tock.md", ROOT / ".dockerignore"]
+    seen: set[str] = set()
+    for path in texts:
+        for name in re.findall(r"\bSIDECAR_[A-Z0-9_]+\b", path.read_text()):
+            assert name in SETTING_ENVS, f"{path.relative_to(ROOT)} names unknown {name}"
+            seen.add(name)
+    assert {"SIDECAR_PUBLIC_BIND", "SIDECAR_SEND_BIND", "SIDECAR_STORE"} <= seen
+
+
+def test_k8s_sidecar_settings_ports_and_probes() -> None:
+    container = sidecar_container()
+    env = container_env(container)
+    for name in env:
+        assert name in SETTING_ENVS or name in TOCK_ALIASES, f"{name} is no sidecar setting"
+    settings = Settings.load(env)
+    assert settings.store.startswith("mongodb://")
+    # Browsers reach the public listener; the send API is for the pod only.
+    assert {p["containerPort"] for p in container["ports"]} == {settings.public_bind.port}
+    assert settings.public_bind.host == "0.0.0.0"
+    assert settings.send_bind.host == "127.0.0.1"
+    readiness, liveness = container["readinessProbe"], container["livenessProbe"]
+    assert readiness["httpGet"]["path"] == "/readyz"
+    assert liveness["httpGet"]["path"] == "/healthz"
+    for probe in (readiness, liveness):
+        assert resolve_port(container, probe["httpGet"]["port"]) == settings.public_bind.port
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) == {"cpu", "memory"}
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["runAsUser"] == dockerfile_user()
+
+
+def test_k8s_grace_period_covers_prestop_and_drain() -> None:
+    container = sidecar_container()
+    settings = Settings.load(container_env(container))
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    assert pre_stop > 0
+    # app.run: in-flight requests get shutdown_seconds, then delivery states as long again.
+    drain = 2 * settings.shutdown_seconds
+    assert pod_spec()["terminationGracePeriodSeconds"] >= pre_stop + drain
+
+
+def test_k8s_bot_container_is_tock_with_sse_on_the_same_store() -> None:
+    (bot,) = [c for c in pod_spec()["containers"] if c is not None and c["name"] == "bot"]
+    env = container_env(bot)
+    assert env["tock_web_sse"] == "true"
+    sidecar_env = {item["name"]: item for item in sidecar_container()["env"]}
+    bot_env = {item["name"]: item for item in bot["env"]}
+    # The same MongoDB and database as the bot.
+    assert sidecar_env["SIDECAR_STORE"]["valueFrom"] == bot_env["tock_mongo_url"]["valueFrom"]
+    assert sidecar_env["SIDECAR_MONGO_DB"]["value"] == bot_env["tock_bot_mongo_db"]["value"]
+    # Two listeners on one port of the pod's shared network cannot be.
+    settings = Settings.load(container_env(sidecar_container()))
+    bot_ports = {p["containerPort"] for p in bot["ports"]}
+    assert not bot_ports & {settings.public_bind.port, settings.send_bind.port}
+
+
+def test_k8s_pdb_service_and_ingress_select_the_pods() -> None:
+    deployment = k8s_one("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+    pdb = k8s_one("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+    service = k8s_one("Service")
+    assert service["spec"]["selector"].items() <= labels.items()
+    containers = pod_spec()["containers"]
+    port_names = {p["name"]: c["name"] for c in containers for p in c["ports"]}
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    for port in service_ports.values():
+        assert port["targetPort"] in port_names
+
+    settings = Settings.load(container_env(sidecar_container()))
+    sse_ingress = k8s_one("Ingress", "tock-bot-sse")
+    annotations = sse_ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert annotations[prefix + "proxy-buffering"] == "off"
+    assert int(annotations[prefix + "proxy-read-timeout"]) > 6 * settings.keepalive_seconds
+    assert int(annotations[prefix + "proxy-send-timeout"]) > 6 * settings.keepalive_seconds
+    routed: dict[str, str] = {}
+    for ingress in (sse_ingress, k8s_one("Ingress", "tock-bot")):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] == service["metadata"]["name"]
+                target = service_ports[backend["port"]["name"]]["targetPort"]
+                routed[path["path"]] = port_names[target]
+    # Every connector's stream (and /sse/ack below it, a Prefix match) goes to the sidecar.
+    for connector in settings.connectors:
+        assert routed[connector.stream_path] == "sse-sidecar"
+    assert routed["/sidecar-sse.js"] == "sse-sidecar"
+    assert routed["/"] == "bot"
+
+
+async def test_probe_paths_answer_on_the_public_listener(tmp_path: Path) -> None:
+    container = sidecar_container()
+    async with running_sidecar(settings_for(tmp_path)) as sidecar:
+        for probe in ("readinessProbe", "livenessProbe"):
+            path = container[probe]["httpGet"]["path"]
+            reply = await sidecar.client.get(sidecar.public + path)
+            assert reply.status_code == 200, (path, reply.text)
+
+
+# --- Dockerfile -------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (DEPLOY / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (k, _) in enumerate(instructions) if k == "FROM")
+    return instructions[last_from:]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for keyword, rest in final_stage():
+        if keyword == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def dockerfile_user() -> int:
+    (user,) = [rest for keyword, rest in final_stage() if keyword == "USER"]
+    return int(user.split(":")[0])
+
+
+def dockerfile_healthcheck() -> list[str]:
+    (healthcheck,) = [rest for keyword, rest in final_stage() if keyword == "HEALTHCHECK"]
+    command: list[str] = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
+    return command
+
+
+def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
+    instructions = dockerfile_instructions()
+    froms = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert len(froms) >= 2
+    assert all(re.match(r"python:\$\{PYTHON_VERSION\}-slim\b", f) for f in froms)
+    stage = final_stage()
+    assert dockerfile_user() != 0
+    final_runs = " ".join(rest for keyword, rest in stage if keyword == "RUN")
+    for tool in ("apt-get", "gcc", "build-essential", "pip install"):
+        assert tool not in final_runs
+    copies = [rest for keyword, rest in stage if keyword == "COPY"]
+    assert copies
+    assert all(c.startswith("--from=build ") for c in copies)
+    (entrypoint,) = [rest for keyword, rest in stage if keyword == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["sidecar", "serve"]
+    # What the build stage copies exists in the context and gets past .dockerignore.
+    ignore = (ROOT / ".dockerignore").read_text()
+    for keyword, rest in instructions:
+        if keyword == "COPY" and not rest.startswith("--from"):
+            for source in rest.split()[:-1]:
+                assert (ROOT / source).exists(), source
+                assert f"!{source.rstrip('/')}" in ignore.replace("/\n", "\n"), source
+
+
+def test_dockerfile_settings_and_ports() -> None:
+    env = dockerfile_env()
+    sidecar_env = {k: v for k, v in env.items() if k.startswith("SIDECAR_")}
+    assert set(sidecar_env) <= SETTING_ENVS
+    settings = Settings.load(sidecar_env)
+    assert settings.store == "sqlite:////data/sidecar.db"
+    (expose,) = [rest for keyword, rest in final_stage() if keyword == "EXPOSE"]
+    assert {int(p) for p in expose.split()} == {
+        settings.public_bind.port,
+        settings.send_bind.port,
+    }
+    assert settings.send_bind.host == "127.0.0.1"
+    assert "/healthz" in " ".join(dockerfile_healthcheck())
+
+
+async def test_dockerfile_healthcheck_command_works(tmp_path: Path) -> None:
+    command = dockerfile_healthcheck()
+    assert command[0] == "python"
+    command[0] = sys.executable
+    async with running_sidecar(settings_for(tmp_path)) as sidecar:
+        port = urlsplit(sidecar.public).port
+        env = os.environ | {"SIDECAR_PUBLIC_BIND": f"0.0.0.0:{port}"}
+        healthy = await trio.run_process(command, env=env, check=False, capture_stderr=True)
+        assert healthy.returncode == 0, healthy.stderr
+    closed = os.environ | {"SIDECAR_PUBLIC_BIND": f"0.0.0.0:{free_port()}"}
+    unhealthy = await trio.run_process(command, env=closed, check=False, capture_stderr=True)
+    assert unhealthy.returncode != 0
+
+
+# --- Compose ----------------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return document
+
+
+def compose_sidecars() -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if service.get("build", {}).get("dockerfile") == "deploy/Dockerfile"
+    }
+
+
+def expand(value: str) -> str:
+    """Compose's ${NAME:-default}, as when NAME is not set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def compose_sidecar_settings(service: dict[str, Any]) -> Settings:
+    env = {name: expand(str(value)) for name, value in service["environment"].items()}
+    assert set(env) <= SETTING_ENVS
+    return Settings.load(env)
+
+
+def test_compose_services_agree() -> None:
+    sidecars = compose_sidecars()
+    assert len(sidecars) == 2
+    services = compose()["services"]
+    mongo = services["mongo"]
+    replica_set = mongo["command"][mongo["command"].index("--replSet") + 1]
+    healthcheck = " ".join(mongo["healthcheck"]["test"])
+    assert "rs.initiate(" in healthcheck
+    assert f'_id: "{replica_set}"' in healthcheck
+    assert "isWritablePrimary" in healthcheck
+    upstreams = nginx_upstream_servers()
+    bot_env = services["bot"]["environment"]
+    send_urls = set(bot_env["BOT_SEND_URLS"].split(","))
+    for name, service in sidecars.items():
+        settings = compose_sidecar_settings(service)
+        assert settings.store.startswith("mongodb://mongo:27017/")
+        assert f"replicaSet={replica_set}" in settings.store
+        assert service["depends_on"]["mongo"]["condition"] == "service_healthy"
+        assert settings.demo is True
+        # nginx reaches the public listener, the bot the send API, by service name.
+        assert f"{name}:{settings.public_bind.port}" in upstreams
+        assert f"http://{name}:{settings.send_bind.port}/v1/send" in send_urls
+        assert settings.send_bind.host == "0.0.0.0"
+        assert settings.send_token == expand(bot_env["BOT_SEND_TOKEN"])
+        stop_grace = int(service["stop_grace_period"].rstrip("s"))
+        assert stop_grace >= 2 * settings.shutdown_seconds
+    assert len(upstreams) == len(sidecars)
+    nginx = services["nginx"]
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    for name in sidecars:
+        assert nginx["depends_on"][name]["condition"] == "service_healthy"
+    assert "./demo_bot.py:/bot/demo_bot.py:ro" in services["bot"]["volumes"]
+
+
+def compose_command() -> list[str]:
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False, timeout=30
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    return [require_tool("docker-compose")]
+
+
+def test_compose_config_lints(tmp_path: Path) -> None:
+    command = compose_command()
+    result = subprocess.run(
+        [
+            *command,
+            "--project-directory",
+            str(DEPLOY),
+            "-f",
+            str(DEPLOY / "compose.yaml"),
+            "config",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=os.environ | {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_demo_bot_sends_through_the_send_api(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, SIDECAR_SEND_TOKEN="t0k")
+    async with running_sidecar(settings) as sidecar, sidecar.stream("demo") as stream:
+        env = os.environ | {
+            "BOT_SEND_URLS": f"{sidecar.send_url}/v1/send,{sidecar.send_url}/v1/send",
+            "BOT_SEND_TOKEN": "t0k",
+            "BOT_RECIPIENT": "demo",
+            "BOT_INTERVAL_SECONDS": "0",
+            "BOT_COUNT": "2",
+        }
+        bot = await trio.run_process(
+            [sys.executable, str(DEPLOY / "demo_bot.py")],
+            env=env,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        assert bot.returncode == 0, bot.stderr
+        first, second = await stream.messages(2)
+    assert json.loads(first.data)["responses"][0]["text"].startswith("Message 1 at ")
+    assert json.loads(second.data)["responses"][0]["text"].startswith("Message 2 at ")
+    assert bot.stdout.decode().count("sent ") == 2
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
+Block = list[tuple[list[str], "Block | None"]]
+
+
+def parse_nginx(text: str) -> Block:
+    """nginx's configuration as nested (words, block) pairs; block is None for a simple
+    directive. Enough for this file: comments, quotes, braces, semicolons."""
+    tokens = re.findall(r'"[^"]*"|\'[^\']*\'|[{};]|[^\s{};"\']+', re.sub(r"#[^\n]*", "", text))
+
+    def block(it: Iterator[str]) -> Block:
+        out: Block = []
+        words: list[str] = []
+        for token in it:
+            if token == ";":
+                out.append((words, None))
+                words = []
+            elif token == "{":
+                out.append((words, block(it)))
+                words = []
+            elif token == "}":
+                assert not words
+                return out
+            else:
+                words.append(token.strip("\"'"))
+        assert not words
+        return out
+
+    return block(iter(tokens))
+
+
+def directives(block: Block, name: str) -> list[tuple[list[str], Block | None]]:
+    return [(words[1:], inner) for words, inner in block if words and words[0] == name]
+
+
+def nginx_config() -> Block:
+    return parse_nginx((DEPLOY / "nginx.conf").read_text())
+
+
+def nginx_server() -> Block:
+    ((_, http),) = directives(nginx_config(), "http")
+    assert http is not None
+    ((_, server),) = directives(http, "server")
+    assert server is not None
+    return server
+
+
+def nginx_upstream_servers() -> list[str]:
+    ((_, http),) = directives(nginx_config(), "http")
+    assert http is not None
+    ((name, upstream),) = directives(http, "upstream")
+    assert name == ["sidecars"]
+    assert upstream is not None
+    assert directives(upstream, "keepalive")
+    return [args[0] for args, _ in directives(upstream, "server")]
+
+
+def test_nginx_config_is_set_up_for_sse() -> None:
+    server = nginx_server()
+    simple = {words[0]: words[1:] for words, inner in server if inner is None}
+    assert simple["proxy_http_version"] == ["1.1"]
+    assert ["Connection", ""] in [args for args, _ in directives(server, "proxy_set_header")]
+    locations = {" ".join(args): inner for args, inner in directives(server, "location")}
+    for inner in locations.values():
+        # A location's own proxy_set_header would drop the server's (Connection "").
+        assert inner is not None
+        assert not directives(inner, "proxy_set_header")
+    settings = compose_sidecar_settings(next(iter(compose_sidecars().values())))
+    for connector in settings.connectors:
+        stream = locations[connector.stream_path]
+        assert stream is not None
+        options = {words[0]: words[1:] for words, _ in stream}
+        assert options["proxy_pass"] == ["http://sidecars"]
+        assert options["proxy_buffering"] == ["off"]
+        for timeout in ("proxy_read_timeout", "proxy_send_timeout"):
+            value = options[timeout][0]
+            seconds = int(value[:-1]) * {"s": 1, "m": 60, "h": 3600}[value[-1]]
+            assert seconds > 6 * settings.keepalive_seconds
+    for path in ("= /sidecar-sse.js", "= /", "= /demo/send"):
+        inner = locations[path]
+        assert inner is not None
+        assert ["http://sidecars"] in [args for args, _ in directives(inner, "proxy_pass")]
+
+
+def nginx_test_copy(tmp_path: Path, upstream: str, port: int) -> Path:
+    """nginx.conf with the compose service names replaced by `upstream` (nginx resolves
+    upstream hosts when it loads its configuration) and listening on loopback `port`."""
+    text = (DEPLOY / "nginx.conf").read_text()
+    text, count = re.subn(r"server sidecar-\d+:\d+", f"server {upstream}", text)
+    assert count == 2
+    text, count = re.subn(r"listen 80;", f"listen 127.0.0.1:{port};", text)
+    assert count == 1
+    path = tmp_path / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def nginx_command(tmp_path: Path, config: Path, *extra: str) -> list[str]:
+    globals_ = f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"
+    return [require_tool("nginx"), "-p", str(tmp_path), "-c", str(config), "-g", globals_, *extra]
+
+
+def test_nginx_t_accepts_the_config(tmp_path: Path) -> None:
+    config = nginx_test_copy(tmp_path, "127.0.0.1:8080", free_port())
+    result = subprocess.run(
+        nginx_command(tmp_path, config, "-t"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+@asynccontextmanager
+async def running_nginx(tmp_path: Path, upstream: str) -> AsyncIterator[str]:
+    port = free_port()
+    config = nginx_test_copy(tmp_path, upstream, port)
+    command = nginx_command(tmp_path, config)
+    command[-1] = f"daemon off; {command[-1]}"
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    connection = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    assert process.returncode is None, (tmp_path / "error.log").read_text()
+                    await trio.sleep(0.05)
+                else:
+                    await connection.aclose()
+                    break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        with trio.move_on_after(5):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_stream_through_nginx(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, SIDECAR_DEMO="true")
+    async with running_sidecar(settings) as sidecar:
+        upstream = urlsplit(sidecar.public).netloc
+        async with running_nginx(tmp_path, upstream) as front, httpx.AsyncClient() as client:
+            url = f"{front}/io/app/web/sse?userId=alice"
+            async with client.stream("GET", url) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                chunks = response.aiter_raw()
+                assert (await chunks.__anext__()).startswith(b"event: ping")
+                message_id = await sidecar.send("alice", responses=[{"text": "via nginx"}])
+                # Unbuffered: the event comes through while the response is still open.
+                data = b""
+                while b"via nginx" not in data:
+                    data += await chunks.__anext__()
+                assert f"id: {message_id}".encode() in data
+                await chunks.aclose()
+            ack = await client.post(
+                f"{front}/io/app/web/sse/ack?userId=alice", json={"ids": [message_id]}
+            )
+            assert ack.status_code == 204
+            for path in ("/sidecar-sse.js", "/", "/nginx-health"):
+                assert (await client.get(front + path)).status_code == 200, path
+            assert (await client.get(f"{front}/io/app/web")).status_code == 404
+        stored = await sidecar.running.store.get(message_id)
+        assert stored is not None
+        assert stored.state == State.DELIVERED
