@@ -17,9 +17,13 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from sidecar.config import Bind, Settings
+from sidecar.http.observe import RequestIds
 from sidecar.http.public import PublicApp
+from sidecar.http.recycle import shield_connection_recycling
 from sidecar.http.send import build_send_app
 from sidecar.hub import CloseReason, Hub
+from sidecar.metrics import InstrumentedStore, Metrics
+from sidecar.net import ListenerConfig, contain_connection_errors
 from sidecar.store import FeedItem, HistoryLost, Store, open_store
 from sidecar.stream import SentMarker
 
@@ -38,7 +42,11 @@ class Running:
 
 
 def _hypercorn_config(bind: Bind, settings: Settings) -> Config:
-    config = Config()
+    # Half-open and never-reading clients are cut off by the kernel after the write
+    # timeout: hypercorn's writes cannot be cancelled from here (sidecar/net.py).
+    config = ListenerConfig()
+    config.write_timeout = settings.write_timeout_seconds
+    contain_connection_errors()  # one connection's failure must not stop the listener
     config.bind = [str(bind)]
     config.graceful_timeout = settings.shutdown_seconds
     config.accesslog = None
@@ -50,19 +58,39 @@ def _hypercorn_config(bind: Bind, settings: Settings) -> Config:
     return config
 
 
+def _limit_listener(config: Config, settings: Settings, *, send: bool) -> Config:
+    """The limits of the settings on one listener's hypercorn config."""
+    shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
+    # Request line plus headers: RequestIds answers 431 past it; this bounds what hypercorn
+    # buffers of an incomplete request (it answers 431 itself past that).
+    config.h11_max_incomplete_size = settings.max_header_bytes
+    config.h2_max_header_list_size = settings.max_header_bytes
+    if send:
+        # Only on the send listener: an SSE client sends nothing after its request, so a
+        # read timeout would cut every stream; the public listener keeps hypercorn's idle
+        # default for connections between requests.
+        config.keep_alive_timeout = settings.send_idle_seconds
+        # Annotated int by hypercorn, used as trio.fail_after seconds: a float works.
+        config.read_timeout = settings.send_read_seconds  # type: ignore[assignment]
+    return config
+
+
 async def _pump_feed(
     store: Store, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Dispatch what the store's feed reports: other writers' messages (another instance,
     Tock itself) reach the streams held here."""
+    metrics = hub.metrics
     send, receive = trio.open_memory_channel[FeedItem](FEED_BUFFER)
     async with trio.open_nursery() as nursery, receive:
         await nursery.start(store.run_feed, send)
         task_status.started()
         async for item in receive:
             if isinstance(item, HistoryLost):
+                metrics.feed_history_lost.inc()
                 hub.history_lost()
             else:
+                metrics.feed_message(item)
                 hub.dispatch(item)
 
 
@@ -72,22 +100,41 @@ async def run(
     *,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with open_store(settings) as store, trio.open_nursery() as nursery:
-        hub = Hub(settings.stream_buffer)
+    async with open_store(settings) as raw_store, trio.open_nursery() as nursery:
+        metrics = Metrics()
+        # Everything below uses the store through this; `Running.store` is the store itself.
+        store = InstrumentedStore(raw_store, metrics)
+        hub = Hub(
+            settings.stream_buffer, max_per_key=settings.max_streams_per_user, metrics=metrics
+        )
         marker = SentMarker(store)
+        metrics.count_at_scrape(
+            "sidecar_feed_resumes",
+            "times the store's feed reopened its change stream after an interruption",
+            lambda: getattr(raw_store, "feed_resumes", 0),
+        )
+        metrics.count_at_scrape(
+            "sidecar_sent_marks_dropped",
+            "SENT marks dropped because their queue was full (the message replays once more)",
+            lambda: marker.dropped,
+        )
         draining = trio.Event()
         nursery.start_soon(marker.run)
         await nursery.start(_pump_feed, store, hub)
 
         stop_listening = trio.Event()
-        public_app = PublicApp(settings, hub, store, marker, draining)
-        send_app = build_send_app(settings, hub, store)
+        public_app = RequestIds(
+            PublicApp(settings, hub, store, marker, draining), settings.max_header_bytes
+        )
+        send_app = RequestIds(build_send_app(settings, hub, store), settings.max_header_bytes)
         async with trio.open_nursery() as servers:
             (public_url,) = await servers.start(
                 partial(
                     serve,
                     public_app,
-                    _hypercorn_config(settings.public_bind, settings),
+                    _limit_listener(
+                        _hypercorn_config(settings.public_bind, settings), settings, send=False
+                    ),
                     shutdown_trigger=stop_listening.wait,
                     mode="asgi",
                 )
@@ -96,7 +143,9 @@ async def run(
                 partial(
                     serve,
                     send_app,
-                    _hypercorn_config(settings.send_bind, settings),
+                    _limit_listener(
+                        _hypercorn_config(settings.send_bind, settings), settings, send=True
+                    ),
                     shutdown_trigger=stop_listening.wait,
                     mode="asgi",
                 )
@@ -107,7 +156,7 @@ async def run(
                 send_url,
                 settings.store.split("@")[-1],
             )
-            task_status.started(Running(public_url, send_url, hub, store, settings))
+            task_status.started(Running(public_url, send_url, hub, raw_store, settings))
             await shutdown.wait()
             log.info("draining: closing %d streams", hub.stream_count())
             draining.set()

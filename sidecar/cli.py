@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import trio
 
-from sidecar import app
+from sidecar import app, logs
 from sidecar.config import OPTIONS, ConfigError, Settings
 from sidecar.store import StoreUnavailable
 
@@ -28,7 +28,51 @@ def _parser() -> argparse.ArgumentParser:
             metavar="VALUE",
             help=f"{option.help} [env {option.env}{aliases}; default {option.default!r}]",
         )
+    _add_token_parser(commands)
     return parser
+
+
+def _add_token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser(
+        "token", help="print a signed identity token (SIDECAR_IDENTITY=signed)"
+    )
+    token.add_argument("--user", required=True, help="the user id the token grants")
+    token.add_argument("--connector", required=True, help="the connector id it is valid for")
+    token.add_argument("--ttl-seconds", type=int, default=3600, help="lifetime (default 3600)")
+    token.add_argument(
+        "--signing-keys",
+        metavar="KEYS",
+        help="KEYID:SECRET,... (the first signs) [env SIDECAR_SIGNING_KEYS]",
+    )
+
+
+def _mint_token(args: argparse.Namespace) -> int:
+    """`sidecar token`: a token for --user on --connector, signed with the first key."""
+    from sidecar.identity import MAX_USER_ID_LENGTH
+    from sidecar.protocol import token
+
+    raw = args.signing_keys
+    source = "--signing-keys"
+    if raw is None:
+        raw, source = os.environ.get("SIDECAR_SIGNING_KEYS", ""), "SIDECAR_SIGNING_KEYS"
+    try:
+        keys = token.parse_keys(raw)
+    except ValueError as exc:
+        print(f"sidecar: invalid configuration: {source}: {exc}", file=sys.stderr)
+        return 2
+    if not keys:
+        print(f"sidecar: invalid configuration: {source}: no signing key", file=sys.stderr)
+        return 2
+    if not 0 < len(args.user) <= MAX_USER_ID_LENGTH or args.ttl_seconds < 1:
+        print(
+            f"sidecar: --user must be 1 to {MAX_USER_ID_LENGTH} characters and "
+            "--ttl-seconds positive",
+            file=sys.stderr,
+        )
+        return 2
+    expires = int(time.time()) + args.ttl_seconds
+    print(token.mint(keys[0], args.user, args.connector, expires))
+    return 0
 
 
 async def _serve(settings: Settings) -> None:
@@ -47,16 +91,14 @@ async def _serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        return _mint_token(args)
     try:
         settings = Settings.load(os.environ, vars(args))
     except ConfigError as exc:
         print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format, sys.stderr)
     try:
         trio.run(_serve, settings)
     except StoreUnavailable as exc:

@@ -14,6 +14,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sidecar.identity import IpNetwork, Mode, Modes, parse_modes, parse_networks
+from sidecar.protocol.token import SigningKey, parse_keys
+
 
 class ConfigError(ValueError):
     """Invalid configuration; the message is one line and names the setting."""
@@ -149,6 +152,38 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _header_name(value: str) -> str | None:
+    value = value.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError(f"{value!r} is not an HTTP header name")
+    return value or None
+
+
+def _cookie_max_age(value: str) -> int | None:
+    """Seconds; empty or negative (Tock's -1): a session cookie, without Max-Age."""
+    if not value.strip():
+        return None
+    seconds = int(value)
+    if seconds == 0:
+        raise ValueError("expected a positive number of seconds, or -1 for a session cookie")
+    return seconds if seconds > 0 else None
+
+
+def _cookie_path(value: str) -> str | None:
+    """Empty: the connector's base path, as Tock does."""
+    value = value.strip()
+    if value and not re.fullmatch(r"/[A-Za-z0-9_.~/\-]*", value):
+        raise ValueError(f"cookie path {value!r} is not a plain URL path")
+    return value or None
+
+
+def _log_format(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("json", "text"):
+        raise ValueError(f"expected json or text, got {value!r}")
+    return lowered
+
+
 def _one_line(text: str) -> str:
     """`text` with line breaks and other unprintable characters escaped (a value quoted in an
     error message, such as a regular expression, may hold them)."""
@@ -216,7 +251,39 @@ OPTIONS: tuple[Option, ...] = (
            "messages read from the store per replay query"),
     Option("shutdown_seconds", "SIDECAR_SHUTDOWN_SECONDS", "10", _positive_float,
            "how long in-flight requests get to finish on SIGTERM"),
+    Option("write_timeout_seconds", "SIDECAR_WRITE_TIMEOUT_SECONDS", "30", _positive_float,
+           "a connection whose peer acknowledges nothing for this long is closed"),
     Option("log_level", "SIDECAR_LOG_LEVEL", "INFO", _log_level, "log level"),
+    Option("identity", "SIDECAR_IDENTITY", "query", parse_modes,
+           "identity mode query|cookie|signed|header, then ID=MODE overrides, comma-separated"),
+    Option("signing_keys", "SIDECAR_SIGNING_KEYS", "", parse_keys,
+           "signed mode: comma-separated KEYID:SECRET (32+ bytes); the first signs, all verify"),
+    Option("identity_header", "SIDECAR_IDENTITY_HEADER", "", _header_name,
+           "header mode: the header the authenticating proxy puts the user id in"),
+    Option("trusted_proxies", "SIDECAR_TRUSTED_PROXIES", "", parse_networks,
+           "header mode: comma-separated IPs or CIDRs the identity header is taken from"),
+    Option("cookie_max_age", "SIDECAR_COOKIE_MAX_AGE", "", _cookie_max_age,
+           "cookie mode: Max-Age of the tock_user_id cookie (empty or -1: session cookie)",
+           ("tock_web_cookie_auth_max_age",)),
+    Option("cookie_path", "SIDECAR_COOKIE_PATH", "", _cookie_path,
+           "cookie mode: Path of the tock_user_id cookie (empty: the connector base path)",
+           ("tock_web_cookie_auth_path",)),
+    Option("demo", "SIDECAR_DEMO", "false", _bool,
+           "serve the demo chat page at / and its POST /demo/send (never in production)"),
+    Option("max_streams_per_user", "SIDECAR_MAX_STREAMS_PER_USER", "10", _positive_int,
+           "open streams per user and connector; a new one closes the user's oldest"),
+    Option("max_streams", "SIDECAR_MAX_STREAMS", "10000", _positive_int,
+           "open streams on this instance; past it a stream request gets 503"),
+    Option("max_ack_bytes", "SIDECAR_MAX_ACK_BYTES", "16384", _positive_int,
+           "largest ack request body"),
+    Option("max_header_bytes", "SIDECAR_MAX_HEADER_BYTES", "16384", _positive_int,
+           "largest request line plus headers, on both listeners (431 past it)"),
+    Option("send_idle_seconds", "SIDECAR_SEND_IDLE_SECONDS", "30", _positive_float,
+           "send listener: an idle keep-alive connection is closed after this long"),
+    Option("send_read_seconds", "SIDECAR_SEND_READ_SECONDS", "60", _positive_float,
+           "send listener: a connection that sends nothing for this long is closed"),
+    Option("log_format", "SIDECAR_LOG_FORMAT", "json", _log_format,
+           "json (one object per line) or text"),
 )  # fmt: skip
 
 
@@ -242,7 +309,22 @@ class Settings:
     stream_buffer: int
     replay_page: int
     shutdown_seconds: float
+    write_timeout_seconds: float
     log_level: str
+    identity: Modes
+    signing_keys: tuple[SigningKey, ...]
+    identity_header: str | None
+    trusted_proxies: tuple[IpNetwork, ...]
+    cookie_max_age: int | None
+    cookie_path: str | None
+    demo: bool
+    max_streams_per_user: int
+    max_streams: int
+    max_ack_bytes: int
+    max_header_bytes: int
+    send_idle_seconds: float
+    send_read_seconds: float
+    log_format: str
 
     @classmethod
     def load(
@@ -271,3 +353,23 @@ class Settings:
             if connector.id == connector_id:
                 return connector
         return None
+
+    def __post_init__(self) -> None:
+        """Checks across settings: identity modes name real connectors and have what they
+        need."""
+        known = {c.id for c in self.connectors}
+        for connector_id, _ in self.identity.overrides:
+            if connector_id not in known:
+                raise ConfigError(
+                    f"SIDECAR_IDENTITY: no connector {connector_id!r} "
+                    f"(connectors: {', '.join(sorted(known))})"
+                )
+        modes = {self.identity.of(c.id) for c in self.connectors}
+        if Mode.SIGNED in modes and not self.signing_keys:
+            raise ConfigError("SIDECAR_SIGNING_KEYS: signed identity mode needs at least one key")
+        if Mode.HEADER in modes and self.identity_header is None:
+            raise ConfigError("SIDECAR_IDENTITY_HEADER: header identity mode needs a header name")
+        if Mode.HEADER in modes and not self.trusted_proxies:
+            raise ConfigError(
+                "SIDECAR_TRUSTED_PROXIES: header identity mode needs the proxies' addresses"
+            )

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import trio
 
+from sidecar.metrics import Metrics
 from sidecar.protocol.message import Message
 from sidecar.protocol.replay import SeenWindow
 from sidecar.store.base import FeedItem, HistoryLost
@@ -29,6 +30,7 @@ class CloseReason(enum.Enum):
     CLIENT = "client"  # the browser went away
     SLOW = "slow"  # its buffer filled up
     SHUTDOWN = "shutdown"  # the instance is draining
+    REPLACED = "replaced"  # its user opened more streams than allowed; the oldest goes
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,9 +52,21 @@ class HubStats:
 
 
 class Hub:
-    def __init__(self, buffer_size: int, *, dispatched_window: int = 65536) -> None:
+    def __init__(
+        self,
+        buffer_size: int,
+        *,
+        dispatched_window: int = 65536,
+        max_per_key: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._buffer_size = buffer_size
-        self._streams: dict[Key, set[Subscription]] = {}
+        self._max_per_key = max_per_key
+        # Per key, the streams in the order they opened (a dict keeps it; values unused).
+        self._streams: dict[Key, dict[Subscription, None]] = {}
+        self._count = 0
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.streams_open.set_function(self.stream_count)
         # Ids this instance already dispatched, so the store's feed, which also reports this
         # instance's own saves, does not dispatch them again.
         self._dispatched = SeenWindow(dispatched_window)
@@ -61,19 +75,30 @@ class Hub:
     def stream_count(self, key: Key | None = None) -> int:
         if key is not None:
             return len(self._streams.get(key, ()))
-        return sum(len(subs) for subs in self._streams.values())
+        return self._count
 
     @contextmanager
     def subscribe(self, key: Key) -> Iterator[Subscription]:
-        """Register a stream for `key` for the duration of the block."""
+        """Register a stream for `key` for the duration of the block. When `key` already
+        has `max_per_key` streams, its oldest are closed (REPLACED) to make room."""
         send, receive = trio.open_memory_channel[FeedItem](self._buffer_size)
         sub = Subscription(key, send, receive)
-        self._streams.setdefault(key, set()).add(sub)
+        subs = self._streams.setdefault(key, {})
+        if self._max_per_key is not None:
+            while len(subs) >= self._max_per_key:
+                log.info("oldest stream of %s/%s replaced: at most %d open", *key, len(subs))
+                self.close(next(iter(subs)), CloseReason.REPLACED)
+            subs = self._streams.setdefault(key, {})
+        subs[sub] = None
+        self._count += 1
+        self.metrics.streams_opened.inc()
         try:
             yield sub
         finally:
             self._remove(sub)
             receive.close()
+            reason = sub.closed_by or CloseReason.CLIENT
+            self.metrics.stream_closed(reason.value)
 
     def dispatch(self, message: Message) -> int:
         """Offer `message` to every open stream of its recipient, once per instance.
@@ -113,7 +138,8 @@ class Hub:
 
     def _remove(self, sub: Subscription) -> None:
         subs = self._streams.get(sub.key)
-        if subs is not None:
-            subs.discard(sub)
+        if subs is not None and sub in subs:
+            del subs[sub]
+            self._count -= 1
             if not subs:
                 del self._streams[sub.key]

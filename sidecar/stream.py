@@ -20,6 +20,7 @@ from typing import Protocol
 import trio
 
 from sidecar.hub import Hub, Key
+from sidecar.metrics import Metrics
 from sidecar.protocol import sse
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, State
@@ -103,7 +104,7 @@ async def serve_stream(
 
     Returns normally in the first two cases; the caller's cancellation propagates."""
     with hub.subscribe(key) as sub, sub.cancel_scope:
-        stream = _Stream(sink, store, marker, key, last_event_id, options)
+        stream = _Stream(sink, store, marker, key, last_event_id, options, hub.metrics)
         with suppress(ClientGone):
             await stream.run(sub.receive)
 
@@ -117,8 +118,10 @@ class _Stream:
         key: Key,
         last_event_id: str | None,
         options: StreamOptions,
+        metrics: Metrics,
     ) -> None:
         self._sink = sink
+        self._metrics = metrics
         self._store = store
         self._marker = marker
         self._key = key
@@ -149,6 +152,7 @@ class _Stream:
 
     async def _write(self, message: Message) -> None:
         await self._sink.send(sse.encode_message(message.id, message.response))
+        self._metrics.written(message.id)
         if message.state == State.ENQUEUED:
             self._marker.mark(message.id)
         if trio.current_time() >= self._next_ping:

@@ -65,6 +65,9 @@ ALIASED = [
     ("store", "tock_mongo_url", ("mongodb://f", "mongodb://e", "mongodb://a"),
      ("mongodb://f", "mongodb://e", "mongodb://a"), "sqlite:///./sidecar.db"),
     ("mongo_database", "tock_bot_mongo_db", ("f", "e", "a"), ("f", "e", "a"), None),
+    ("cookie_max_age", "tock_web_cookie_auth_max_age", ("60", "-1", "3600"), (60, None, 3600),
+     None),
+    ("cookie_path", "tock_web_cookie_auth_path", ("/a", "/b", "/"), ("/a", "/b", "/"), None),
 ]  # fmt: skip
 
 
@@ -124,7 +127,20 @@ def test_flag_beats_env_for_unaliased_settings(name: str) -> None:
         "stream_buffer": ("7", "8"),
         "replay_page": ("7", "8"),
         "shutdown_seconds": ("7", "8"),
+        "write_timeout_seconds": ("7", "0.5"),
         "log_level": ("debug", "error"),
+        "max_streams_per_user": ("7", "8"),
+        "max_streams": ("7", "8"),
+        "max_ack_bytes": ("7", "8"),
+        "max_header_bytes": ("7", "8"),
+        "send_idle_seconds": ("0.5", "8"),
+        "send_read_seconds": ("0.5", "8"),
+        "log_format": ("text", "JSON"),
+        "identity": ("cookie", "query,web=cookie"),
+        "signing_keys": ("a:" + "x" * 32, "b:" + "y" * 40 + ",c:" + "z" * 32),
+        "identity_header": ("X-Forwarded-User", "X-Auth-User"),
+        "trusted_proxies": ("127.0.0.1", "10.0.0.0/8, ::1"),
+        "demo": ("true", "false"),
     }
     flag_value, env_value = samples[name]
     option = OPTION[name]
@@ -238,6 +254,7 @@ BAD_VALUES = [
                "./sidecar.db", "MONGODB://x"]),
     ("keepalive_seconds", ["0", "-1", "abc", "inf", "-inf", "nan", "", "1e400", "0.0"]),
     ("shutdown_seconds", ["0", "inf", "x"]),
+    ("write_timeout_seconds", ["0", "-1", "inf", "nan", "x"]),
     ("cors_pattern", ["(", "[a-", "*", "(?P<x>", "a)"]),
     ("cors_credentials", ["maybe", "2", "yess", "tru", "-1"]),
     ("replay_sent", ["enable"]),
@@ -252,6 +269,23 @@ BAD_VALUES = [
     ("queue_max_size_kb", ["0", "x", "-3"]),
     ("mongo_database", ["a/b", "a.b", "a b", 'a"b', "a$b", "a\\b", "x" * 64]),
     ("log_level", ["verbose", "trace", "5"]),
+    ("max_streams_per_user", ["0", "x"]),
+    ("max_streams", ["0", "-1"]),
+    ("max_ack_bytes", ["0", "1k"]),
+    ("max_header_bytes", ["0", ""]),
+    ("send_idle_seconds", ["0", "inf", "x"]),
+    ("send_read_seconds", ["0", "-1"]),
+    ("log_format", ["yaml", "", "logfmt"]),
+    ("identity", ["", "bogus", "QUERY", "query,cookie", "=query", "web=", "web=nope",
+                  "web=query,web=cookie", "query;web=cookie"]),
+    ("signing_keys", ["k1", "k1:short", "k1:" + "x" * 31, ":" + "x" * 32, "k 1:" + "x" * 32,
+                      "k1:" + "x" * 32 + ",k1:" + "y" * 32, "k1:" + "x" * 32 + ",",
+                      "k.1:" + "x" * 32, "k" * 65 + ":" + "x" * 32]),
+    ("identity_header", ["X Forwarded", "X:Y", "X-\u00e9", "a\nb"]),
+    ("trusted_proxies", ["nope", "10.0.0.0/33", "1.2.3", "127.0.0.1,x", "localhost"]),
+    ("cookie_max_age", ["0", "x", "1.5"]),
+    ("cookie_path", ["a", "/a;b", "/a b", "/\u00e9", "/a,b"]),
+    ("demo", ["maybe", "2"]),
 ]  # fmt: skip
 
 BAD = [(name, value) for name, values in BAD_VALUES for value in values]

@@ -94,7 +94,8 @@ def assert_error(reply: httpx.Response, status: int, code: str | None = None) ->
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"].startswith("application/json")
     error = reply.json()["error"]
-    assert set(error) == {"code", "message"}
+    assert set(error) == {"code", "message", "requestId"}
+    assert error["requestId"] == reply.headers["x-request-id"]
     if code is not None:
         assert error["code"] == code, error
 

@@ -33,7 +33,8 @@ def assert_error(reply: httpx.Response, status: int, code: str | None = None) ->
     body = reply.json()
     assert set(body) == {"error"}, body
     error: dict[str, Any] = body["error"]
-    assert set(error) == {"code", "message"}, error
+    assert set(error) == {"code", "message", "requestId"}, error
+    assert error["requestId"] == reply.headers["x-request-id"]
     assert isinstance(error["message"], str)
     assert error["message"]
     if code is not None:

@@ -412,6 +412,7 @@ async def test_feed_resumes_after_its_cursor_is_killed(
                     cursor_ids = {c["getMore"] for c in commands.commands("getMore")}
             [cursor_id] = cursor_ids
             aggregates = len(commands.commands("aggregate"))
+            assert store.feed_resumes == 0
             killed = await trio.to_thread.run_sync(
                 lambda: raw[db_name].command("killCursors", COLLECTION, cursors=[cursor_id])
             )
@@ -423,6 +424,7 @@ async def test_feed_resumes_after_its_cursor_is_killed(
             assert not any(isinstance(i, HistoryLost) for i in items)
             # It really was a new change stream that delivered them.
             assert len(commands.commands("aggregate")) > aggregates
+            assert store.feed_resumes >= 1  # what /metrics shows as sidecar_feed_resumes_total
             nursery.cancel_scope.cancel()
 
 

@@ -9,11 +9,13 @@ from typing import Any
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
+from sidecar.logs import current_request_id
 from sidecar.store.base import Store, StoreUnavailable
 
 
 class ApiError(Exception):
-    """An error answer: HTTP `status` and a JSON body {"error": {"code", "message"}}."""
+    """An error answer: HTTP `status` and a JSON body {"error": {"code", "message",
+    "requestId"}}."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -36,7 +38,13 @@ def parse_json(body: str | bytes) -> Any:
 
 
 def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    """{"error": {"code", "message", "requestId"}}; the request id is the current request's
+    (see sidecar.http.observe), left out outside a request."""
+    error = {"code": code, "message": message}
+    rid = current_request_id()
+    if rid is not None:
+        error["requestId"] = rid
+    return json.dumps({"error": error}).encode()
 
 
 def json_response(body: Any, status: int = 200) -> Response:

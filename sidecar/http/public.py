@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 import trio
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
-from hypercorn.typing import HTTPScope
+from hypercorn.typing import HTTPScope, WWWScope
 from hypercorn.typing import Scope as AnyScope
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -30,6 +30,7 @@ from sidecar.http.common import (
     parse_json,
     preflight_headers,
 )
+from sidecar.http.demo import install_demo_routes
 from sidecar.hub import Hub
 from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
@@ -41,7 +42,8 @@ SSE_HEADERS = [
     (b"connection", b"keep-alive"),
     (b"x-accel-buffering", b"no"),
 ]
-MAX_ACK_BYTES = 16 * 1024
+# Seconds a stream request refused for SIDECAR_MAX_STREAMS is told to wait.
+STREAMS_RETRY_AFTER = b"5"
 MAX_ACK_IDS = 1000
 
 
@@ -56,13 +58,18 @@ class PublicApp:
         self._store = store
         self._marker = marker
         self._draining = draining
+        self._open_streams = 0
         self._streams = {c.stream_path: c for c in settings.connectors}
         self._options = StreamOptions(
             keepalive=settings.keepalive_seconds,
             replay_sent=settings.replay_sent,
             replay_page=settings.replay_page,
         )
+        self._policies = {c.id: identity.policy_for(settings, c) for c in settings.connectors}
+        self._credential_paths = _credential_paths(settings, self._policies)
         self._quart = _quart_app(settings, store)
+        if settings.demo:
+            install_demo_routes(self._quart, settings, hub, store)
 
     async def __call__(self, scope: AnyScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -79,11 +86,10 @@ class PublicApp:
 
     def _cors(self, scope: HTTPScope) -> list[tuple[bytes, bytes]]:
         origin = _header(scope, b"origin")
+        credentials = self._settings.cors_credentials or scope["path"] in self._credential_paths
         return [
             (name.lower().encode(), value.encode())
-            for name, value in cors_headers(
-                origin, self._settings.cors_pattern, self._settings.cors_credentials
-            )
+            for name, value in cors_headers(origin, self._settings.cors_pattern, credentials)
         ]
 
     async def _preflight(self, scope: HTTPScope, send: Send) -> None:
@@ -91,20 +97,28 @@ class PublicApp:
             _header(scope, b"origin"),
             _header(scope, b"access-control-request-headers"),
             self._settings.cors_pattern,
-            self._settings.cors_credentials,
+            self._settings.cors_credentials or scope["path"] in self._credential_paths,
         )
         encoded = [(n.lower().encode(), v.encode()) for n, v in headers]
         await _respond(send, 204, encoded, b"")
 
     async def _error(
-        self, scope: HTTPScope, send: Send, status: int, code: str, message: str, allow: bytes = b""
+        self,
+        scope: HTTPScope,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        allow: bytes = b"",
+        *,
+        retry_after: bytes = b"1",
     ) -> None:
         body = error_body(code, message)
         headers = [(b"content-type", b"application/json"), *self._cors(scope)]
         if allow:
             headers.append((b"allow", allow))
         if status == 503:
-            headers.append((b"retry-after", b"1"))
+            headers.append((b"retry-after", retry_after))
         await _respond(send, status, headers, body)
 
     async def _stream(
@@ -112,9 +126,13 @@ class PublicApp:
     ) -> None:
         query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
         try:
-            user_id = identity.from_query(query)
+            resolved = identity.resolve(
+                self._policies[connector.id], _request_view(scope), mint_cookie=True
+            )
         except identity.IdentityError as exc:
             return await self._error(scope, send, exc.status, exc.code, str(exc))
+        user_id = resolved.user_id
+        set_cookie = [(b"set-cookie", resolved.set_cookie.encode())] if resolved.set_cookie else []
         raw_last = _header(scope, b"last-event-id") or query.get("lastEventId") or None
         last_event_id = normalize_id(raw_last) if raw_last is not None else None
         if raw_last is not None and last_event_id is None:
@@ -122,13 +140,40 @@ class PublicApp:
                 scope, send, 400, "invalid_last_event_id", "Last-Event-ID is not a message id"
             )
         if self._draining.is_set():
+            self._hub.metrics.streams_rejected.labels("draining").inc()
             return await self._error(scope, send, 503, "draining", "this instance is shutting down")
+        if self._open_streams >= self._settings.max_streams:
+            self._hub.metrics.streams_rejected.labels("instance_limit").inc()
+            return await self._error(
+                scope,
+                send,
+                503,
+                "too_many_streams",
+                "this instance holds as many streams as it may; retry later",
+                retry_after=STREAMS_RETRY_AFTER,
+            )
+        # Counted from here, not when the hub registers it: no request slips in between.
+        self._open_streams += 1
+        try:
+            await self._serve(connector, scope, receive, send, user_id, last_event_id, set_cookie)
+        finally:
+            self._open_streams -= 1
 
+    async def _serve(
+        self,
+        connector: Connector,
+        scope: HTTPScope,
+        receive: Receive,
+        send: Send,
+        user_id: str,
+        last_event_id: str | None,
+        set_cookie: list[tuple[bytes, bytes]],
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": SSE_HEADERS + self._cors(scope),
+                "headers": SSE_HEADERS + set_cookie + self._cors(scope),
             }
         )
 
@@ -180,17 +225,40 @@ def _header(scope: HTTPScope, name: bytes) -> str | None:
     return None
 
 
+def _request_view(scope: WWWScope) -> identity.RequestView:
+    """What identity needs of a request, from its ASGI scope (stream and ack alike)."""
+    client = scope.get("client")
+    return identity.RequestView.build(
+        dict(parse_qsl(scope["query_string"].decode("latin-1"))),
+        [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in scope["headers"]],
+        str(client[0]) if client else None,
+    )
+
+
+def _credential_paths(settings: Settings, policies: dict[str, identity.Policy]) -> set[str]:
+    """Paths of connectors whose identity is a cookie: CORS must allow credentials there."""
+    return {
+        path
+        for c in settings.connectors
+        if policies[c.id].needs_credentials
+        for path in (c.stream_path, c.ack_path)
+    }
+
+
 def _quart_app(settings: Settings, store: Store) -> QuartTrio:
     app = QuartTrio("sidecar.public")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_ACK_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_ack_bytes
     install_error_handlers(app)
     install_health_routes(app, store)
     client_js = resources.files("sidecar").joinpath("static/sidecar-sse.js").read_bytes()
+    policies = {c.id: identity.policy_for(settings, c) for c in settings.connectors}
+    credential_paths = _credential_paths(settings, policies)
 
     @app.after_request
     async def add_cors(response: Response) -> Response:
+        credentials = settings.cors_credentials or request.path in credential_paths
         for name, value in cors_headers(
-            request.headers.get("Origin"), settings.cors_pattern, settings.cors_credentials
+            request.headers.get("Origin"), settings.cors_pattern, credentials
         ):
             response.headers[name] = value
         return response
@@ -205,16 +273,16 @@ def _quart_app(settings: Settings, store: Store) -> QuartTrio:
         app.add_url_rule(
             connector.ack_path,
             endpoint=f"ack_{connector.id}",
-            view_func=_ack_view(connector, store),
+            view_func=_ack_view(connector, store, policies[connector.id]),
             methods=["POST"],
         )
     return app
 
 
-def _ack_view(connector: Connector, store: Store) -> Any:
+def _ack_view(connector: Connector, store: Store, policy: identity.Policy) -> Any:
     async def ack() -> Response:
         try:
-            user_id = identity.from_query(request.args)
+            user_id = identity.resolve(policy, _request_view(request.scope)).user_id
         except identity.IdentityError as exc:
             raise ApiError(exc.status, exc.code, str(exc)) from None
         if request.mimetype not in ("application/json", "text/plain"):

@@ -1,4 +1,4 @@
-"""The bot-facing listener: the send API and health.
+"""The bot-facing listener: the send API, health, metrics and the OpenAPI document.
 
 A 202 means the message is committed to the store; it is then queued on this instance's
 open streams of the recipient without waiting for them. Bad input changes nothing.
@@ -7,6 +7,7 @@ open streams of the recipient without waiting for them. Bad input changes nothin
 from __future__ import annotations
 
 import hmac
+from importlib import resources
 from typing import Any
 
 from quart import Response, request
@@ -22,11 +23,16 @@ from sidecar.http.common import (
 )
 from sidecar.hub import Hub
 from sidecar.identity import MAX_USER_ID_LENGTH
+from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol.message import Message, new_id
 from sidecar.protocol.sse import dumps
 from sidecar.store.base import Store
 
 _FIELDS = {"connectorId", "recipientId", "response"}
+# The API description, checked in (sidecar/static/openapi.json) and served as it is.
+OPENAPI_PATH = "static/openapi.json"
+# Routes that need no bearer token: nothing in them is secret or changes anything.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
 def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str, dict[str, Any]]:
@@ -69,7 +75,24 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
     return connector_id, recipient_id, response
 
 
-async def _json_body(limit: int) -> Any:
+async def store_and_dispatch(
+    store: Store, hub: Hub, items: list[tuple[str, str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Commit validated items (from `parse_item`) to the store, then queue each on this
+    instance's open streams of its recipient; the send API's answer for each."""
+    messages = [Message(new_id(), c, r, response) for c, r, response in items]
+    since = hub.metrics.clock()
+    await store.save(messages)
+    results = []
+    for m in messages:
+        delivered = hub.dispatch(m)
+        if delivered:
+            hub.metrics.await_first_write(m.id, since)
+        results.append({"id": m.id, "deliveredTo": delivered})
+    return results
+
+
+async def json_body(limit: int) -> Any:
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "the body must be application/json")
     if request.content_length is not None and request.content_length > limit:
@@ -86,10 +109,11 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
     install_error_handlers(app)
     install_health_routes(app, store)
     token = settings.send_token.encode() if settings.send_token else None
+    openapi = resources.files("sidecar").joinpath(OPENAPI_PATH).read_bytes()
 
     @app.before_request
     async def authenticate() -> None:
-        if token is None or request.path in ("/healthz", "/readyz"):
+        if token is None or request.path in OPEN_PATHS:
             return
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
@@ -97,19 +121,17 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
 
     async def accept(items: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        messages = [Message(new_id(), c, r, response) for c, r, response in items]
-        await store.save(messages)
-        return [{"id": m.id, "deliveredTo": hub.dispatch(m)} for m in messages]
+        return await store_and_dispatch(store, hub, items)
 
     @app.post("/v1/send")
     async def send() -> Response:
-        item = parse_item(await _json_body(settings.max_payload_bytes), settings)
+        item = parse_item(await json_body(settings.max_payload_bytes), settings)
         (result,) = await accept([item])
         return json_response(result, 202)
 
     @app.post("/v1/send/batch")
     async def send_batch() -> Response:
-        payload = await _json_body(settings.max_batch_bytes)
+        payload = await json_body(settings.max_batch_bytes)
         if not isinstance(payload, list):
             raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
         if len(payload) > settings.max_batch_items:
@@ -118,5 +140,13 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
             )
         items = [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
         return json_response({"results": await accept(items)}, 202)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(hub.metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return Response(openapi, content_type="application/json")
 
     return app

@@ -35,7 +35,7 @@ from bson import ObjectId
 from bson.decimal128 import Decimal128
 from bson.errors import InvalidId
 from bson.timestamp import Timestamp
-from pymongo import ASCENDING, MongoClient
+from pymongo import ASCENDING, MongoClient, monitoring
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -213,6 +213,26 @@ def _close_quietly(stream: CollectionChangeStream[Document] | None) -> None:
         log.debug("closing change stream: %r", exc)
 
 
+class _ChangeStreamOpens(monitoring.CommandListener):
+    """Counts the change streams opened on a client (`aggregate` with `$changeStream`),
+    including the driver's automatic resumes, which the feed does not see otherwise."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "aggregate":
+            pipeline = event.command.get("pipeline")
+            if pipeline and isinstance(pipeline[0], Mapping) and "$changeStream" in pipeline[0]:
+                self.count += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
 class MongoStore:
     def __init__(
         self,
@@ -228,6 +248,10 @@ class MongoStore:
         self.capped = capped
         self._readers_lock = threading.Lock()
         self._readers = 0
+        # Change streams opened on this client, and how many of those the feed opened to
+        # start: the rest are resumes (see `feed_resumes`).
+        self._change_streams = _ChangeStreamOpens()
+        self._feed_starts = 0
 
     @classmethod
     async def open(
@@ -240,6 +264,8 @@ class MongoStore:
         `event_listeners`). Raises StoreUnavailable, with the client closed, when MongoDB
         cannot be reached or the collection cannot be set up."""
         options = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
+        opens = _ChangeStreamOpens()
+        options["event_listeners"] = [*options.get("event_listeners", ()), opens]
 
         def connect() -> MongoStore:
             client: MongoClient[Document] = MongoClient(settings.store, **options)
@@ -249,7 +275,9 @@ class MongoStore:
                 else:
                     db = client.get_default_database(DEFAULT_DATABASE)
                 capped = _ensure_collection(db, settings)
-                return cls(client, db[COLLECTION], [c.id for c in settings.connectors], capped)
+                store = cls(client, db[COLLECTION], [c.id for c in settings.connectors], capped)
+                store._change_streams = opens
+                return store
             except BaseException:
                 client.close()
                 raise
@@ -411,6 +439,12 @@ class MongoStore:
         return await self._run(headroom)
 
     @property
+    def feed_resumes(self) -> int:
+        """How many times a change stream of the feed was reopened after an interruption,
+        by the driver's automatic resume or by the feed itself (for /metrics)."""
+        return max(self._change_streams.count - self._feed_starts, 0)
+
+    @property
     def feed_readers(self) -> int:
         """How many feed reader threads are running (for tests and observability)."""
         with self._readers_lock:
@@ -484,6 +518,7 @@ class MongoStore:
         while True:
             try:
                 start = await self._run(self._now)
+                self._feed_starts += 1
                 stream = await self._run(functools.partial(self._watch, None, start))
                 break
             except StoreUnavailable as exc:
@@ -586,7 +621,10 @@ class MongoStore:
             return previous
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._client.close)
+        # Shielded: a store closed while its owner is being cancelled (a failing test, a
+        # crash) must still close its client, or its monitor threads and sockets leak.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._client.close)
 
 
 def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
