@@ -16,6 +16,18 @@ serve *ARGS:
 test *ARGS:
     {{venv}}/python -m pytest --cov --cov-branch --cov-report=term {{ARGS}}
 
+# The stress tests (tests/stress) at full size: STRESS_SCALE=5 is 2,000 streams / 500 users.
+stress *ARGS:
+    STRESS_SCALE="${STRESS_SCALE:-5}" {{venv}}/python -m pytest tests/stress -q -s -rxX --timeout 1800 {{ARGS}}
+
+# The benchmark suite (needs `pip install -e '.[bench]'`); rewrites bench/RESULTS.md and its chart.
+bench *ARGS:
+    {{venv}}/python -m bench --report bench/RESULTS.md {{ARGS}}
+
+# The benchmark suite at small sizes (under 2 minutes); report under bench/results/.
+bench-quick *ARGS:
+    {{venv}}/python -m bench --quick {{ARGS}}
+
 # Lint, format check, strict typing, then the tests.
 check:
     {{venv}}/ruff check sidecar tests

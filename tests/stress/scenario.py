@@ -1,0 +1,250 @@
+"""The stress scenario both stores run: logical clients across users, the send API (single
+and batch) and another writer of the store, roaming disconnects and reconnects; then the
+delivery checks, and the checks that nothing is left behind.
+
+Users get messages from one source each (the send API, or the other writer through the
+store's feed), and only one tab per user roams. Both follow from Last-Event-ID being one
+watermark per user, which the sidecar shares with Tock:
+- when a second tab of a user reconnects while the first is away, its Last-Event-ID
+  acknowledges (DELIVERED) messages the away tab never saw, and they are not replayed to
+  it;
+- ids from two writers do not arrive in id order (the feed comes later than the send API),
+  and a Last-Event-ID above an unseen id that another tab was already sent acknowledges it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+import trio
+
+from sidecar.hub import Hub
+from sidecar.protocol.message import IdGenerator, Message
+from tests.sidecar_harness import Sidecar
+from tests.stress.harness import (
+    HttpConnection,
+    LogicalClient,
+    Snapshot,
+    SseConnection,
+    order_violations,
+    quiet,
+    rss_bytes,
+    settle,
+)
+
+PATH = "/io/app/web/sse"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    streams: int
+    users: int
+    api_messages: int  # through the send API, about half in batches
+    foreign_messages: int  # written to the store by another writer
+    api_senders: int = 4  # concurrent connections to the send API
+    mean_lifetime: float = 0.5  # seconds a roaming tab's connection lasts, on average
+    deliver_within: float = 30.0  # after the last send, for every tab to have everything
+
+
+@dataclasses.dataclass
+class Outcome:
+    peak_rss: int
+    peak_blocks: int
+    summary: str
+
+
+SaveForeign = Callable[[Sequence[Message]], Awaitable[None]]
+
+
+async def warm_up(sidecar: Sidecar) -> None:
+    """One stream and a few sends, so one-time allocations are not counted as growth."""
+    stream = await SseConnection.open(sidecar.public, f"{PATH}?userId=warm-up", None)
+    sender = await HttpConnection.open(sidecar.send_url)
+    try:
+        for n in range(3):
+            body = {"connectorId": "web", "recipientId": "warm-up", "response": {"n": n}}
+            status, _ = await sender.post_json("/v1/send", body)
+            assert status == 202
+        with trio.move_on_after(5):
+            received = 0
+            while received < 3:
+                received += sum(e.event == "message" for e in await stream.next_events())
+    finally:
+        await sender.aclose()
+        await stream.aclose()
+
+
+async def baseline(sidecar: Sidecar) -> Snapshot:
+    hub = sidecar.running.hub
+    await warm_up(sidecar)
+    return await quiet(lambda: hub.stream_count() == 0)
+
+
+async def exercise(
+    sidecar: Sidecar,
+    sizes: Sizes,
+    rng: random.Random,
+    save_foreign: SaveForeign,
+    user_prefix: str = "u",
+) -> Outcome:
+    """Run the scenario in one nursery, cancel it, and check what every tab received."""
+    hub = sidecar.running.hub
+    users = [f"{user_prefix}{n}" for n in range(sizes.users)]
+    api_users, foreign_users = users[: sizes.users // 2], users[sizes.users // 2 :]
+    clients = [
+        LogicalClient(
+            users[n % sizes.users],
+            roams=n < sizes.users,  # the first tab of each user
+            rng=random.Random(rng.random()),
+            mean_lifetime=sizes.mean_lifetime,
+        )
+        for n in range(sizes.streams)
+    ]
+    expected: dict[str, set[str]] = defaultdict(set)
+    source_of: dict[str, str] = {}
+    connect_limit = trio.CapacityLimiter(64)
+    timings: dict[str, float] = {}
+
+    async def api_sender(count: int, seed: float) -> None:
+        local = random.Random(seed)
+        connection = await HttpConnection.open(sidecar.send_url)
+        try:
+            sent = 0
+            while sent < count:
+                size = 1 if local.random() < 0.5 else min(local.randint(2, 40), count - sent)
+                items = [
+                    {
+                        "connectorId": "web",
+                        "recipientId": local.choice(api_users),
+                        "response": {"responses": [{"text": f"api {sent + i}"}]},
+                    }
+                    for i in range(size)
+                ]
+                if size == 1:
+                    status, reply = await connection.post_json("/v1/send", items[0])
+                    results = [reply]
+                else:
+                    status, reply = await connection.post_json("/v1/send/batch", items)
+                    results = reply["results"]
+                assert status == 202, reply
+                for item, result in zip(items, results, strict=True):
+                    expected[item["recipientId"]].add(result["id"])
+                    source_of[result["id"]] = "api"
+                sent += size
+        finally:
+            await connection.aclose()
+
+    async def foreign_writer(count: int, seed: float) -> None:
+        """Another writer of the store (another process, Tock): its messages reach the
+        streams only through the sidecar's feed."""
+        local = random.Random(seed)
+        new_id = IdGenerator()
+        written = 0
+        while written < count:
+            size = min(local.randint(1, 20), count - written)
+            messages = [
+                Message(new_id(), "web", local.choice(foreign_users), {"n": written + i})
+                for i in range(size)
+            ]
+            for message in messages:
+                expected[message.recipient_id].add(message.id)
+                source_of[message.id] = "feed"
+            await save_foreign(messages)
+            written += size
+            await trio.sleep(local.uniform(0, 0.02))
+
+    def complete() -> bool:
+        return all(expected[c.user] <= c.seen for c in clients)
+
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            nursery.start_soon(client.run, sidecar.public, PATH, connect_limit)
+        with trio.fail_after(60):
+            for client in clients:
+                await client.connected.wait()
+        assert hub.stream_count() == sizes.streams
+        timings["connect"] = time.monotonic() - start
+        for client in clients:
+            client.roam(True)
+        async with trio.open_nursery() as senders:
+            per_sender = sizes.api_messages // sizes.api_senders
+            for _ in range(sizes.api_senders):
+                senders.start_soon(api_sender, per_sender, rng.random())
+            senders.start_soon(foreign_writer, sizes.foreign_messages, rng.random())
+        timings["send"] = time.monotonic() - start - timings["connect"]
+        for client in clients:
+            client.roam(False)
+        peak_rss, peak_blocks = rss_bytes(), sys.getallocatedblocks()
+        with trio.move_on_after(sizes.deliver_within):
+            while not complete():
+                await trio.sleep(0.05)
+        peak_rss = max(peak_rss, rss_bytes())
+        peak_blocks = max(peak_blocks, sys.getallocatedblocks())
+        timings["drain"] = time.monotonic() - start - timings["connect"] - timings["send"]
+        nursery.cancel_scope.cancel()
+
+    total = sum(len(ids) for ids in expected.values())
+    api_total = sizes.api_messages // sizes.api_senders * sizes.api_senders
+    assert total == api_total + sizes.foreign_messages
+    missing = {
+        (n, c.user): len(expected[c.user] - c.seen)
+        for n, c in enumerate(clients)
+        if expected[c.user] - c.seen
+    }
+    foreign = [c.user for c in clients if c.seen - expected[c.user]]
+    violations = [v for c in clients for v in order_violations(c, source_of)]
+    problems = []
+    if missing:
+        problems.append(
+            f"tabs missing messages {{(tab, user): count}}: {dict(list(missing.items())[:10])}"
+        )
+    if foreign:
+        problems.append(f"tabs got another user's messages: {foreign[:10]}")
+    if violations:
+        problems.append(
+            f"out of id order on one connection (tab, source, before, after): {violations[:5]}"
+        )
+    assert not problems, "\n".join(problems)
+    # Nothing was cut off (the buffers are sized for it), so only roaming tabs reconnected.
+    assert sum(c.server_closes for c in clients) == 0
+    assert hub.stats.cut_off == 0
+    reconnects = sum(len(c.connections) - 1 for c in clients)
+    assert reconnects > 0
+    writes = sum(len(ids) for c in clients for ids in c.connections)
+    repeats = sum(c.duplicates for c in clients)
+    summary = (
+        f"{sizes.streams} streams / {sizes.users} users, {total} messages, {writes} writes, "
+        f"{reconnects} reconnects, {repeats} repeats dropped by the clients; "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    )
+    return Outcome(peak_rss, peak_blocks, summary)
+
+
+async def check_nothing_left(
+    hub: Hub, base: Snapshot, outcome: Outcome, pooled_ports: Iterable[int] = ()
+) -> str:
+    """After the nursery: no stream, task, thread or file descriptor left (but the database
+    client's pooled connections to `pooled_ports`), and the memory back."""
+    after = await settle(base, lambda: hub.stream_count() == 0, pooled_ports=pooled_ports)
+    assert hub.stream_count() == 0
+    leaks = after.leaks_against(base, pooled_ports)
+    assert not leaks, leaks
+    # Memory: the objects the run allocated must be given back (the instance keeps only
+    # bounded windows of recent ids). RSS itself does not come back down: CPython keeps an
+    # arena while any object in it lives, and glibc keeps fragmented heap; so RSS is only
+    # held to not growing once the run is over.
+    memory = (
+        f"RSS {base.rss >> 20} MiB at start, {outcome.peak_rss >> 20} at peak, "
+        f"{after.rss >> 20} after; Python blocks {base.blocks} at start, "
+        f"{outcome.peak_blocks} at peak, {after.blocks} after"
+    )
+    kept_blocks = after.blocks - base.blocks
+    assert kept_blocks <= max(50_000, (outcome.peak_blocks - base.blocks) // 4), memory
+    assert after.rss <= outcome.peak_rss + (16 << 20), memory
+    return memory
