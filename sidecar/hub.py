@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -19,6 +19,7 @@ import trio
 from sidecar.metrics import Metrics
 from sidecar.protocol.message import Message
 from sidecar.protocol.replay import SeenWindow
+from sidecar.protocol.sequencer import Sequencer
 from sidecar.store.base import FeedItem, HistoryLost
 
 log = logging.getLogger("sidecar.hub")
@@ -70,6 +71,8 @@ class Hub:
         # Ids this instance already dispatched, so the store's feed, which also reports this
         # instance's own saves, does not dispatch them again.
         self._dispatched = SeenWindow(dispatched_window)
+        # This instance's own sends are dispatched in id order (see http/send.py).
+        self.sequencer: Sequencer[Callable[[], None]] = Sequencer()
         self.stats = HubStats()
 
     def stream_count(self, key: Key | None = None) -> int:

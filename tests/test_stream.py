@@ -268,3 +268,32 @@ async def test_history_lost_makes_open_streams_catch_up_from_the_store(
         hub.history_lost()
         assert await sink.wait_for(2) == [first.id, missed.id]
         nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_sends_are_dispatched_in_id_order(store: HookedStore) -> None:
+    from sidecar.http.send import store_and_dispatch
+
+    hub = Hub(64)
+    first_saving, release_first = trio.Event(), trio.Event()
+    real_save = store.save
+
+    async def save(messages: Sequence[Message]) -> None:
+        if not first_saving.is_set():
+            first_saving.set()
+            await release_first.wait()  # the first send's save is the slow one
+        await real_save(messages)
+
+    store.save = save  # type: ignore[method-assign]
+    with hub.subscribe(KEY) as sub:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 0})])
+            await first_saving.wait()
+            nursery.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 1})])
+            while not await store.pending(*KEY, Replay(sent=False), after=None, limit=5):
+                await trio.sleep(0.01)
+            # The second send is saved, but not dispatched ahead of the earlier id.
+            with pytest.raises(trio.WouldBlock):
+                sub.receive.receive_nowait()
+            release_first.set()
+        received = [sub.receive.receive_nowait(), sub.receive.receive_nowait()]
+    assert [m.response["n"] for m in received if isinstance(m, Message)] == [0, 1]

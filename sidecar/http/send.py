@@ -6,10 +6,13 @@ open streams of the recipient without waiting for them. Bad input changes nothin
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+from functools import partial
 from importlib import resources
 from typing import Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -75,21 +78,48 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
     return connector_id, recipient_id, response
 
 
+@dataclasses.dataclass(eq=False)
+class _Saved:
+    """One send's messages, saved, waiting for their turn to be dispatched."""
+
+    messages: list[Message]
+    since: float
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    dispatched: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def dispatch(self, hub: Hub) -> None:
+        for m in self.messages:
+            delivered = hub.dispatch(m)
+            if delivered:
+                hub.metrics.await_first_write(m.id, self.since)
+            self.results.append({"id": m.id, "deliveredTo": delivered})
+        self.dispatched.set()
+
+
 async def store_and_dispatch(
     store: Store, hub: Hub, items: list[tuple[str, str, dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     """Commit validated items (from `parse_item`) to the store, then queue each on this
-    instance's open streams of its recipient; the send API's answer for each."""
+    instance's open streams of its recipient; the send API's answer for each.
+
+    Saves run concurrently, but dispatch follows id order (`Sequencer`): the ids and the
+    ticket are taken in one step, with no checkpoint in between."""
     messages = [Message(new_id(), c, r, response) for c, r, response in items]
-    since = hub.metrics.clock()
-    await store.save(messages)
-    results = []
-    for m in messages:
-        delivered = hub.dispatch(m)
-        if delivered:
-            hub.metrics.await_first_write(m.id, since)
-        results.append({"id": m.id, "deliveredTo": delivered})
-    return results
+    ticket = hub.sequencer.take()
+    batch = _Saved(messages, hub.metrics.clock())
+    saved = False
+    try:
+        await store.save(messages)
+        saved = True
+    finally:
+        # A failed save still finishes its ticket, so the sends behind it go out.
+        for dispatch in hub.sequencer.finish(
+            ticket, partial(batch.dispatch, hub) if saved else None
+        ):
+            dispatch()
+    # Dispatched by now, or as soon as the sends before it are saved (or have failed).
+    await batch.dispatched.wait()
+    return batch.results
 
 
 async def json_body(limit: int) -> Any:
@@ -120,13 +150,10 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
 
-    async def accept(items: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        return await store_and_dispatch(store, hub, items)
-
     @app.post("/v1/send")
     async def send() -> Response:
         item = parse_item(await json_body(settings.max_payload_bytes), settings)
-        (result,) = await accept([item])
+        (result,) = await store_and_dispatch(store, hub, [item])
         return json_response(result, 202)
 
     @app.post("/v1/send/batch")
@@ -139,7 +166,7 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
                 413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
             )
         items = [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
-        return json_response({"results": await accept(items)}, 202)
+        return json_response({"results": await store_and_dispatch(store, hub, items)}, 202)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -2,11 +2,11 @@
 mongo-java-server): the other writer is a second MongoStore on the same database, whose
 inserts reach the instance's streams through its change stream.
 
-With concurrent send requests, MongoDB commits (and the instance dispatches) them out of
-id order, so a stream can write a later id before an earlier one; a tab that drops right
-then reconnects with a Last-Event-ID above a message it never saw, which another tab was
-already sent, and that message is acknowledged without ever reaching it. The sequential
-case must hold; the concurrent one is a known failure until dispatch follows id order.
+With concurrent send requests, MongoDB commits them out of id order. Were they dispatched
+as they commit, a stream could write a later id before an earlier one, and a tab dropping
+right then would reconnect with a Last-Event-ID above a message it never saw, which another
+tab was already sent: acknowledged, never delivered. The send path dispatches in id order
+(sidecar.protocol.sequencer); the concurrent test holds it to that.
 """
 
 from __future__ import annotations
@@ -84,11 +84,6 @@ async def test_streams_on_mongodb_get_every_message_once(
     await _stress(tmp_path, mongodb_server, database, SIZES)
 
 
-@pytest.mark.xfail(
-    reason="concurrent sends on MongoDB are dispatched out of id order; Last-Event-ID then "
-    "acknowledges messages a reconnecting tab never saw",
-    strict=False,
-)
 @pytest.mark.time_limit(max(60.0, 90.0 * SCALE))
 async def test_concurrent_sends_on_mongodb_reach_reconnecting_tabs(
     tmp_path: Path, mongodb_server: str, database: str
