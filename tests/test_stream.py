@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +92,38 @@ def options(**overrides: Any) -> StreamOptions:
     )
 
 
+@dataclasses.dataclass
+class Running:
+    hub: Hub
+    sink: MemorySink
+    done: trio.Event
+
+
+@asynccontextmanager
+async def streaming(
+    store: HookedStore, hub: Hub | None = None, **opts: Any
+) -> AsyncIterator[Running]:
+    """One stream for KEY (no Last-Event-ID) served into a MemorySink, with its SentMarker,
+    both cancelled on exit; `done` is set when the stream returns by itself."""
+    running = Running(hub or Hub(64), MemorySink(), trio.Event())
+    marker = SentMarker(store)
+
+    async def serve() -> None:
+        await serve_stream(
+            running.sink, hub=running.hub, store=store, marker=marker, key=KEY,
+            last_event_id=None, options=options(**opts),
+        )  # fmt: skip
+        running.done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(marker.run)
+        nursery.start_soon(serve)
+        yield running
+        nursery.cancel_scope.cancel()
+
+
 async def test_message_arriving_during_replay_is_written_once_in_order(store: HookedStore) -> None:
     hub = Hub(64)
-    marker = SentMarker(store)
     stored = [message(n) for n in range(5)]
     await save_all(store, stored)
     live_new = message(5)
@@ -105,120 +136,58 @@ async def test_message_arriving_during_replay_is_written_once_in_order(store: Ho
         hub.dispatch(live_new)
 
     store.on_pending = race
-    sink = MemorySink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(marker.run)
-        nursery.start_soon(
-            lambda: serve_stream(
-                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
-                options=options(),
-            )
-        )  # fmt: skip
-        ids = await sink.wait_for(6)
+    async with streaming(store, hub) as running:
+        ids = await running.sink.wait_for(6)
         await trio.testing.wait_all_tasks_blocked()
-        assert sink.message_ids == [m.id for m in [*stored, live_new]]
-        assert [json.loads(e.data)["n"] for e in sink.events if e.event == "message"] == list(
-            range(6)
-        )
+        events = running.sink.events
+        assert running.sink.message_ids == [m.id for m in [*stored, live_new]]
+        assert [json.loads(e.data)["n"] for e in events if e.event == "message"] == list(range(6))
         assert ids == sorted(ids)
-        nursery.cancel_scope.cancel()
 
 
 async def test_first_frame_is_a_ping_and_replay_precedes_live(store: HookedStore) -> None:
-    hub = Hub(64)
-    marker = SentMarker(store)
     stored = [message(n) for n in range(3)]
     await save_all(store, stored)
-    sink = MemorySink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(marker.run)
-        nursery.start_soon(
-            lambda: serve_stream(
-                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
-                options=options(),
-            )
-        )  # fmt: skip
-        await sink.wait_for(3)
+    async with streaming(store) as running:
+        await running.sink.wait_for(3)
         fresh = message(3)
         await store.save([fresh])
-        assert hub.dispatch(fresh) == 1
-        await sink.wait_for(4)
-        assert sink.events[0] == sse.Event(event="ping", data="1")
-        assert sink.message_ids == [m.id for m in [*stored, fresh]]
+        assert running.hub.dispatch(fresh) == 1
+        await running.sink.wait_for(4)
+        assert running.sink.events[0] == sse.Event(event="ping", data="1")
+        assert running.sink.message_ids == [m.id for m in [*stored, fresh]]
         # Written messages are marked SENT (in a batch, after the write)
         with trio.fail_after(5):
             while (await store.get(fresh.id)).state != State.SENT:  # type: ignore[union-attr]
                 await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
 
 
 async def test_store_outage_during_replay_keeps_pinging_then_replays(store: HookedStore) -> None:
-    hub = Hub(64)
-    marker = SentMarker(store)
     stored = [message(n) for n in range(3)]
     await save_all(store, stored)
     store.failures = 2
-    sink = MemorySink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(marker.run)
-        nursery.start_soon(
-            lambda: serve_stream(
-                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
-                options=options(keepalive=0.2),
-            )
-        )  # fmt: skip
-        assert await sink.wait_for(3) == [m.id for m in stored]
+    async with streaming(store, keepalive=0.2) as running:
+        assert await running.sink.wait_for(3) == [m.id for m in stored]
         # pings kept the stream alive through the back-off (0.5 s then 1 s)
-        assert sum(e.event == "ping" for e in sink.events) >= 3
-        nursery.cancel_scope.cancel()
+        assert sum(e.event == "ping" for e in running.sink.events) >= 3
 
 
 async def test_client_gone_ends_the_stream_and_unregisters(store: HookedStore) -> None:
-    hub = Hub(64)
-    marker = SentMarker(store)
-    sink = MemorySink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(marker.run)
-        done = trio.Event()
-
-        async def run() -> None:
-            await serve_stream(
-                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
-                options=options(),
-            )  # fmt: skip
-            done.set()
-
-        nursery.start_soon(run)
+    async with streaming(store) as running:
         await trio.testing.wait_all_tasks_blocked()
-        assert hub.stream_count(KEY) == 1
-        sink.gone = True
-        hub.dispatch(message(0))
-        await done.wait()
-        assert hub.stream_count(KEY) == 0
-        nursery.cancel_scope.cancel()
+        assert running.hub.stream_count(KEY) == 1
+        running.sink.gone = True
+        running.hub.dispatch(message(0))
+        await running.done.wait()
+        assert running.hub.stream_count(KEY) == 0
 
 
 async def test_hub_close_ends_the_stream(store: HookedStore) -> None:
-    hub = Hub(64)
-    marker = SentMarker(store)
-    sink = MemorySink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(marker.run)
-        done = trio.Event()
-
-        async def run() -> None:
-            await serve_stream(
-                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
-                options=options(),
-            )  # fmt: skip
-            done.set()
-
-        nursery.start_soon(run)
+    async with streaming(store) as running:
         await trio.testing.wait_all_tasks_blocked()
-        hub.close_all(CloseReason.SHUTDOWN)
-        await done.wait()
-        assert hub.stream_count() == 0
-        nursery.cancel_scope.cancel()
+        running.hub.close_all(CloseReason.SHUTDOWN)
+        await running.done.wait()
+        assert running.hub.stream_count() == 0
 
 
 async def test_sent_marker_flushes_every_queued_mark_on_close(store: HookedStore) -> None:
@@ -246,28 +215,17 @@ async def test_sent_marker_drops_marks_when_full(store: HookedStore) -> None:
 async def test_history_lost_makes_open_streams_catch_up_from_the_store(
     store: HookedStore,
 ) -> None:
-    hub = Hub(64)
-    marker = SentMarker(store)
-    sink = MemorySink()
     first = message(0)
     await store.save([first])
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(marker.run)
-        nursery.start_soon(
-            lambda: serve_stream(
-                sink, hub=hub, store=store, marker=marker, key=KEY, last_event_id=None,
-                options=options(),
-            )
-        )  # fmt: skip
-        await sink.wait_for(1)
+    async with streaming(store) as running:
+        await running.sink.wait_for(1)
         # Saved while the feed was not looking: nobody dispatched it.
         missed = message(1)
         await store.save([missed])
         await trio.testing.wait_all_tasks_blocked()
-        assert sink.message_ids == [first.id]
-        hub.history_lost()
-        assert await sink.wait_for(2) == [first.id, missed.id]
-        nursery.cancel_scope.cancel()
+        assert running.sink.message_ids == [first.id]
+        running.hub.history_lost()
+        assert await running.sink.wait_for(2) == [first.id, missed.id]
 
 
 async def test_concurrent_sends_are_dispatched_in_id_order(store: HookedStore) -> None:
