@@ -17,10 +17,12 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from sidecar.config import Bind, Settings
+from sidecar.http.disconnect import notify_disconnects
 from sidecar.http.observe import RequestIds
 from sidecar.http.public import PublicApp
 from sidecar.http.recycle import shield_connection_recycling
-from sidecar.http.send import build_send_app
+from sidecar.http.send import SendApp
+from sidecar.http.writes import write_head_with_body
 from sidecar.hub import CloseReason, Hub
 from sidecar.metrics import InstrumentedStore, Metrics
 from sidecar.net import ListenerConfig, contain_connection_errors
@@ -61,6 +63,8 @@ def _hypercorn_config(bind: Bind, settings: Settings) -> Config:
 def _limit_listener(config: Config, settings: Settings, *, send: bool) -> Config:
     """The limits of the settings on one listener's hypercorn config."""
     shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
+    write_head_with_body()  # one socket write per small response (sidecar/http/writes.py)
+    notify_disconnects()  # no task per stream waiting for its client to go (http/disconnect.py)
     # Request line plus headers: RequestIds answers 431 past it; this bounds what hypercorn
     # buffers of an incomplete request (it answers 431 itself past that).
     config.h11_max_incomplete_size = settings.max_header_bytes
@@ -120,13 +124,14 @@ async def run(
         )
         draining = trio.Event()
         nursery.start_soon(marker.run)
+        await nursery.start(hub.run_pings)
         await nursery.start(_pump_feed, store, hub)
 
         stop_listening = trio.Event()
         public_app = RequestIds(
             PublicApp(settings, hub, store, marker, draining), settings.max_header_bytes
         )
-        send_app = RequestIds(build_send_app(settings, hub, store), settings.max_header_bytes)
+        send_app = RequestIds(SendApp(settings, hub, store), settings.max_header_bytes)
         async with trio.open_nursery() as servers:
             (public_url,) = await servers.start(
                 partial(

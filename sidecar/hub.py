@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
+import itertools
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import math
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 import trio
+import trio.lowlevel
 
 from sidecar.metrics import Metrics
 from sidecar.protocol.message import Message
@@ -34,14 +39,100 @@ class CloseReason(enum.Enum):
     REPLACED = "replaced"  # its user opened more streams than allowed; the oldest goes
 
 
-@dataclasses.dataclass(eq=False)
+class Mailbox:
+    """A stream's bounded buffer: what a trio memory channel of `capacity` does for one
+    sender that never waits (the hub) and one receiver (the stream), in a few hundred
+    bytes less per open stream. The same object is both ends: `send_nowait` raises
+    `trio.WouldBlock` when full and `trio.BrokenResourceError` once `close`d;
+    `receive_nowait` raises `trio.WouldBlock` when empty; `receive` waits, and is a trio
+    checkpoint as a channel's is."""
+
+    __slots__ = ("_capacity", "_closed", "_items", "_waiter", "ping_at", "ping_due")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: list[FeedItem] = []
+        self._waiter: trio.lowlevel.Task | None = None
+        self._closed = False
+        # The hub's pinger (`Hub.run_pings`) sets `ping_due` at `ping_at` and wakes `wait`.
+        self.ping_at = math.inf
+        self.ping_due = False
+
+    def send_nowait(self, item: FeedItem) -> None:
+        if self._closed:
+            raise trio.BrokenResourceError("the stream has closed its buffer")
+        if len(self._items) >= self._capacity:
+            raise trio.WouldBlock
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def receive_nowait(self) -> FeedItem:
+        if self._closed:
+            raise trio.ClosedResourceError
+        if not self._items:
+            raise trio.WouldBlock
+        return self._items.pop(0)
+
+    async def receive(self) -> FeedItem:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._items:
+            if self._waiter is not None:
+                raise trio.BusyResourceError("another task is already receiving")
+            if self._closed:
+                raise trio.ClosedResourceError
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+            if self._closed:
+                raise trio.ClosedResourceError
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return self._items.pop(0)
+
+    async def wait(self) -> None:
+        """Wait until there is an item to take or a ping is due (a trio checkpoint)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._items or self.ping_due or self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already receiving")
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _ping_now(self) -> None:
+        self.ping_due = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def close(self) -> None:
+        self._closed = True
+        self._items.clear()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
 class Subscription:
-    """One open stream as the hub sees it. The stream reads `receive`; the hub cancels
-    `cancel_scope` to close the stream."""
+    """One open stream as the hub sees it. The stream reads `receive`; the hub puts items
+    in `send` (the same `Mailbox`) and cancels `cancel_scope` to close the stream."""
 
     key: Key
-    send: trio.MemorySendChannel[FeedItem]
-    receive: trio.MemoryReceiveChannel[FeedItem]
+    send: Mailbox
+    receive: Mailbox
     cancel_scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
     closed_by: CloseReason | None = None
 
@@ -73,19 +164,72 @@ class Hub:
         self._dispatched = SeenWindow(dispatched_window)
         # This instance's own sends are dispatched in id order (see http/send.py).
         self.sequencer: Sequencer[Callable[[], None]] = Sequencer()
+        # The ids of those sends from when they are made until they are dispatched: a replay
+        # leaves them out (it could find one committed ahead of an earlier send still being
+        # saved), and every subscribed stream gets them live, in id order.
+        self.in_flight: set[str] = set()
         self.stats = HubStats()
+        # Keepalive pings of every stream, while `run_pings` runs: (when, order, mailbox).
+        self._pings: list[tuple[float, int, Mailbox]] = []
+        self._ping_order = itertools.count()
+        self._pinger: trio.CancelScope | None = None
+        self.pinging = False
+
+    # -- keepalive pings --------------------------------------------------------------------
+
+    async def run_pings(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Wake each stream when its next ping is due (`schedule_ping`), so that a waiting
+        stream needs no timeout of its own: one task for all of them instead of a cancel
+        scope per stream per wait. Streams opened while this runs rely on it; without it
+        (`pinging` False) a stream times its own waits."""
+        self.pinging = True
+        pings = self._pings
+        try:
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                while pings and pings[0][0] <= now:
+                    at, _, mailbox = heapq.heappop(pings)
+                    if mailbox.ping_at == at:  # else rescheduled since, or closed
+                        mailbox._ping_now()
+                with trio.CancelScope(deadline=pings[0][0] if pings else math.inf) as wakeup:
+                    self._pinger = wakeup
+                    await trio.sleep_forever()
+        finally:
+            self._pinger = None
+            self.pinging = False
+            for _, _, mailbox in pings:  # their streams time their own waits from now on
+                mailbox.ping_at = math.inf
+                mailbox._ping_now()
+            pings.clear()
+
+    def schedule_ping(self, mailbox: Mailbox, at: float) -> None:
+        """Wake `mailbox`'s stream at `at` for its next ping (replacing any earlier time).
+        Once the pinger has stopped, `mailbox.ping_at` is left infinite instead."""
+        if not self.pinging:
+            mailbox.ping_at = math.inf
+            return
+        mailbox.ping_at = at
+        heapq.heappush(self._pings, (at, next(self._ping_order), mailbox))
+        pinger = self._pinger
+        if pinger is not None and at < pinger.deadline:
+            pinger.deadline = at
 
     def stream_count(self, key: Key | None = None) -> int:
         if key is not None:
             return len(self._streams.get(key, ()))
         return self._count
 
-    @contextmanager
-    def subscribe(self, key: Key) -> Iterator[Subscription]:
-        """Register a stream for `key` for the duration of the block. When `key` already
-        has `max_per_key` streams, its oldest are closed (REPLACED) to make room."""
-        send, receive = trio.open_memory_channel[FeedItem](self._buffer_size)
-        sub = Subscription(key, send, receive)
+    def subscribe(self, key: Key) -> _Subscribed:
+        """Register a stream for `key` for the duration of the `with` block. When `key`
+        already has `max_per_key` streams, its oldest are closed (REPLACED) to make room."""
+        return _Subscribed(self, key)
+
+    def _open(self, key: Key) -> Subscription:
+        mailbox = Mailbox(self._buffer_size)
+        sub = Subscription(key, mailbox, mailbox)
         subs = self._streams.setdefault(key, {})
         if self._max_per_key is not None:
             while len(subs) >= self._max_per_key:
@@ -95,13 +239,14 @@ class Hub:
         subs[sub] = None
         self._count += 1
         self.metrics.streams_opened.inc()
-        try:
-            yield sub
-        finally:
-            self._remove(sub)
-            receive.close()
-            reason = sub.closed_by or CloseReason.CLIENT
-            self.metrics.stream_closed(reason.value)
+        return sub
+
+    def _closed(self, sub: Subscription) -> None:
+        self._remove(sub)
+        sub.receive.close()
+        sub.receive.ping_at = math.inf  # its queued ping, if any, is dropped when due
+        reason = sub.closed_by or CloseReason.CLIENT
+        self.metrics.stream_closed(reason.value)
 
     def dispatch(self, message: Message) -> int:
         """Offer `message` to every open stream of its recipient, once per instance.
@@ -146,3 +291,28 @@ class Hub:
             self._count -= 1
             if not subs:
                 del self._streams[sub.key]
+
+
+class _Subscribed:
+    """`Hub.subscribe`'s context manager (a class: a generator-based one would keep a
+    generator frame alive for every open stream)."""
+
+    __slots__ = ("_hub", "_key", "_sub")
+
+    def __init__(self, hub: Hub, key: Key) -> None:
+        self._hub = hub
+        self._key = key
+        self._sub: Subscription | None = None
+
+    def __enter__(self) -> Subscription:
+        self._sub = self._hub._open(self._key)
+        return self._sub
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._sub is not None:
+            self._hub._closed(self._sub)

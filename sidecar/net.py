@@ -33,8 +33,10 @@ import math
 import socket
 
 import hypercorn.trio.run
+import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 log = logging.getLogger("sidecar.http")
 
@@ -92,7 +94,20 @@ class _ContainedTCPServer(TCPServer):
             log.warning("connection dropped after an HTTP server error: %r", group.exceptions[0])
 
     async def _read_data(self) -> None:
-        await super()._read_data()
+        if self.config.read_timeout:
+            await super()._read_data()
+        else:
+            # hypercorn's loop without its `fail_after(inf)`: no cancel scope per read, which
+            # an idle SSE connection would hold (about 1 KB) for as long as it is open.
+            while True:
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+            await self.protocol.handle(Closed())
         # The client closed (or reading failed): nothing more can come. hypercorn would keep
         # the connection, its socket and tasks, until its keep-alive timer ran out (5 s),
         # so a client that connects and closes in a loop would pile up file descriptors.

@@ -8,29 +8,41 @@ The hub cancels it too, when its buffer fills or the instance drains.
 
 Replay and live messages merge here: the stream subscribes to the hub first, then replays
 from the store, then writes what arrived live meanwhile; `SeenWindow` drops repeats.
+
+Writes are coalesced: the frames of every message already waiting in the stream's buffer
+(up to `COALESCE_MAX`) go out in one write, so a stream that falls behind catches up in
+fewer, larger writes instead of paying the HTTP server's per-write cost for each message.
+A message is encoded once however many streams write it (`_frame`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import suppress
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Container
+from functools import partial
 from typing import Protocol
 
 import trio
 
-from sidecar.hub import Hub, Key
+from sidecar.hub import Hub, Key, Mailbox
 from sidecar.metrics import Metrics
 from sidecar.protocol import sse
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, State
 from sidecar.protocol.replay import SeenWindow, live, replay_order
-from sidecar.store.base import HistoryLost, Store, StoreUnavailable
+from sidecar.store.base import FeedItem, HistoryLost, Store, StoreUnavailable
 
 log = logging.getLogger("sidecar.stream")
 
 # Back-off while the store cannot answer a replay query; pings keep the stream alive.
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0
+# Most messages written in one write (one body chunk).
+COALESCE_MAX = 64
+# Frames of the most recently encoded live messages, shared by all streams.
+FRAME_CACHE_SIZE = 1024
 
 
 class ClientGone(Exception):
@@ -54,21 +66,28 @@ class SentMarker:
 
     A stream only queues the id (never waits); when the queue is full the mark is dropped
     and the message stays ENQUEUED, so the worst case is that it is replayed once more and
-    the client drops it as a repeat. Run `run` in the instance nursery.
+    the client drops it as a repeat. An id already queued and not yet written is not queued
+    again (every stream of a user marks the same message). Run `run` in the instance
+    nursery.
     """
 
     def __init__(self, store: Store, capacity: int = 4096, batch: int = 500) -> None:
         self._store = store
         self._batch = batch
         self._send, self._receive = trio.open_memory_channel[str](capacity)
+        self._queued: set[str] = set()  # queued or being written
         self.dropped = 0
         self.flushed = trio.Event()
 
     def mark(self, message_id: str) -> None:
+        if message_id in self._queued:
+            return
         try:
             self._send.send_nowait(message_id)
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.dropped += 1
+        else:
+            self._queued.add(message_id)
 
     def close(self) -> None:
         """No more marks: `run` writes what is queued, sets `flushed` and returns."""
@@ -87,6 +106,8 @@ class SentMarker:
                 await self._store.mark_sent(ids)
             except StoreUnavailable as exc:
                 log.warning("could not mark %d messages sent: %s", len(ids), exc)
+            finally:
+                self._queued.difference_update(ids)
         self.flushed.set()
 
 
@@ -104,9 +125,17 @@ async def serve_stream(
 
     Returns normally in the first two cases; the caller's cancellation propagates."""
     with hub.subscribe(key) as sub, sub.cancel_scope:
-        stream = _Stream(sink, store, marker, key, last_event_id, options, hub.metrics)
-        with suppress(ClientGone):
-            await stream.run(sub.receive)
+        stream = _Stream(
+            sink, store, marker, key, last_event_id, options, hub.metrics, hub.in_flight
+        )
+        try:
+            if hub.pinging:
+                stream.schedule = partial(hub.schedule_ping, sub.receive)
+                await stream.run_pinged(sub.receive)
+            else:
+                await stream.run(sub.receive)
+        except ClientGone:
+            return  # a normal end (not `suppress`: an object held for the whole stream)
 
 
 class _Stream:
@@ -119,8 +148,10 @@ class _Stream:
         last_event_id: str | None,
         options: StreamOptions,
         metrics: Metrics,
+        in_flight: Container[str] = frozenset(),
     ) -> None:
         self._sink = sink
+        self._in_flight = in_flight
         self._metrics = metrics
         self._store = store
         self._marker = marker
@@ -130,31 +161,90 @@ class _Stream:
         self._options = options
         self._seen = SeenWindow()
         self._next_ping = 0.0
+        # Tells the hub's pinger when the next ping is due (see `run_pinged`).
+        self.schedule: Callable[[float], None] | None = None
 
-    async def run(self, receive: trio.MemoryReceiveChannel[Message | HistoryLost]) -> None:
+    async def run(self, receive: Mailbox) -> None:
+        await self._ping()
+        await self._catch_up(ack=True)
+        await self._run_timed(receive)
+
+    async def _run_timed(self, receive: Mailbox) -> None:
+        while True:
+            try:
+                item = receive.receive_nowait()
+            except trio.WouldBlock:
+                # Only the wait is under the deadline: a write cut in half would corrupt
+                # the stream.
+                with trio.move_on_at(self._next_ping) as waited:
+                    item = await receive.receive()
+                if waited.cancelled_caught:
+                    await self._ping()
+                    continue
+            await self._write_from(receive, item)
+
+    async def run_pinged(self, receive: Mailbox) -> None:
+        """`run`, with the hub's pinger waking the wait when a ping is due, instead of a
+        deadline (a cancel scope) on every wait (see `Hub.run_pings`)."""
         await self._ping()
         await self._catch_up(ack=True)
         while True:
-            item: Message | HistoryLost | None = None
-            # Only the wait is under the deadline: a write cut in half would corrupt the stream.
-            with trio.move_on_at(self._next_ping):
-                item = await receive.receive()
-            if item is None:
-                await self._ping()
-            elif isinstance(item, HistoryLost):
+            if receive.ping_due:
+                receive.ping_due = False
+                if trio.current_time() >= self._next_ping:
+                    await self._ping()
+            if receive.ping_at == math.inf:
+                # The pinger has stopped: this stream times its own waits from now on.
+                self.schedule = None
+                return await self._run_timed(receive)
+            try:
+                item = receive.receive_nowait()
+            except trio.WouldBlock:
+                await receive.wait()
+                continue
+            await self._write_from(receive, item)
+
+    async def _write_from(self, receive: Mailbox, item: FeedItem) -> None:
+        """Write `item` and whatever else is waiting (up to `COALESCE_MAX`), in one write
+        where they are messages."""
+        messages: list[Message] = []
+        while True:
+            if isinstance(item, HistoryLost):
+                await self._write_all(messages)
+                messages = []
                 await self._catch_up(ack=False)
             elif live(item, self._seen):
-                await self._write(item)
+                messages.append(item)
+            if len(messages) >= COALESCE_MAX:
+                break
+            try:
+                item = receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+        await self._write_all(messages)
 
     async def _ping(self) -> None:
         await self._sink.send(sse.PING)
         self._next_ping = trio.current_time() + self._options.keepalive
+        if self.schedule is not None:
+            self.schedule(self._next_ping)
 
-    async def _write(self, message: Message) -> None:
-        await self._sink.send(sse.encode_message(message.id, message.response))
-        self._metrics.written(message.id)
-        if message.state == State.ENQUEUED:
-            self._marker.mark(message.id)
+    async def _write_all(self, messages: list[Message], *, shared: bool = True) -> None:
+        """Write `messages` in one write, then mark them written. Live messages' frames go
+        through the shared cache (other streams write the same objects); replayed ones,
+        read from the store for this stream alone, do not."""
+        if not messages:
+            return
+        encode = _frame if shared else _encode
+        if len(messages) == 1:
+            await self._sink.send(encode(messages[0]))
+        else:
+            await self._sink.send(b"".join([encode(m) for m in messages]))
+        metrics, marker = self._metrics, self._marker
+        for message in messages:
+            metrics.written(message.id)
+            if message.state == State.ENQUEUED:
+                marker.mark(message.id)
         if trio.current_time() >= self._next_ping:
             await self._ping()
 
@@ -182,8 +272,9 @@ class _Stream:
             page = await self._store.pending(
                 *self._key, self._replay, after=after, limit=self._options.replay_page
             )
-            for message in replay_order(page, self._seen):
-                await self._write(message)
+            fresh = list(replay_order(page, self._seen, self._in_flight))
+            for start in range(0, len(fresh), COALESCE_MAX):
+                await self._write_all(fresh[start : start + COALESCE_MAX], shared=False)
             if len(page) < self._options.replay_page:
                 return
             after = page[-1].id
@@ -195,3 +286,25 @@ class _Stream:
             if trio.current_time() >= deadline:
                 return
             await self._ping()
+
+
+# Ordered, so the oldest go in O(1) (`del d[next(iter(d))]` on a plain dict slows down as
+# deleted slots pile up at its front).
+_frames: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
+
+
+def _encode(message: Message) -> bytes:
+    return sse.encode_message(message.id, message.response)
+
+
+def _frame(message: Message) -> bytes:
+    """`message`'s SSE frame; encoded once for all the streams that write it (the cache is
+    keyed by id and checked against the very response object, so it cannot go stale)."""
+    cached = _frames.get(message.id)
+    if cached is not None and cached[0] is message.response:
+        return cached[1]
+    frame = _encode(message)
+    if len(_frames) >= FRAME_CACHE_SIZE:
+        _frames.popitem(last=False)
+    _frames[message.id] = (message.response, frame)
+    return frame

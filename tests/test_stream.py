@@ -255,3 +255,36 @@ async def test_concurrent_sends_are_dispatched_in_id_order(store: HookedStore) -
             release_first.set()
         received = [sub.receive.receive_nowait(), sub.receive.receive_nowait()]
     assert [m.response["n"] for m in received if isinstance(m, Message)] == [0, 1]
+
+
+async def test_replay_leaves_a_send_in_flight_to_come_live_in_id_order(
+    store: HookedStore,
+) -> None:
+    from sidecar.http.send import store_and_dispatch
+
+    hub = Hub(64)
+    first_saving, release_first = trio.Event(), trio.Event()
+    real_save = store.save
+
+    async def save(messages: Sequence[Message]) -> None:
+        if not first_saving.is_set():
+            first_saving.set()
+            await release_first.wait()
+        await real_save(messages)
+
+    store.save = save  # type: ignore[method-assign]
+    async with trio.open_nursery() as senders:
+        senders.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 0})])
+        await first_saving.wait()
+        senders.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 1})])
+        while not await store.pending(*KEY, Replay(sent=False), after=None, limit=5):
+            await trio.sleep(0.01)
+        # A stream opens now: its replay finds n=1 committed, n=0 still being saved.
+        async with streaming(store, hub) as running:
+            await trio.testing.wait_all_tasks_blocked()
+            assert running.sink.message_ids == []
+            release_first.set()
+            await running.sink.wait_for(2)
+            events = [e for e in running.sink.events if e.event == "message"]
+            assert [json.loads(e.data)["n"] for e in events] == [0, 1]
+    assert hub.in_flight == set()

@@ -1,12 +1,14 @@
 """The browser-facing listener: SSE streams, acks, CORS, the browser client, health.
 
 The stream route is plain ASGI: it hands `serve_stream` a sink that writes body chunks and
-runs it in one nursery per connection next to a task that waits for `http.disconnect`.
-Everything else is a quart-trio app.
+runs it until the client goes: under hypercorn a callback says so (sidecar/http/
+disconnect.py), elsewhere a task next to it in one nursery per connection waits for
+`http.disconnect`. Everything else is a quart-trio app.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
@@ -31,6 +33,8 @@ from sidecar.http.common import (
     preflight_headers,
 )
 from sidecar.http.demo import install_demo_routes
+from sidecar.http.disconnect import disconnect_callbacks
+from sidecar.http.observe import SendWithId
 from sidecar.hub import Hub
 from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
@@ -177,30 +181,67 @@ class PublicApp:
             }
         )
 
-        client_gone = trio.Event()
-
-        async def watch_disconnect(cancel_scope: trio.CancelScope) -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            client_gone.set()
-            cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-            await serve_stream(
-                _AsgiSink(send),
-                hub=self._hub,
-                store=self._store,
-                marker=self._marker,
-                key=(connector.id, user_id),
-                last_event_id=last_event_id,
-                options=self._options,
-            )
-            nursery.cancel_scope.cancel()
-        if not client_gone.is_set():
+        stream = serve_stream(
+            # The head is sent: the body can skip RequestIds' wrapper (sidecar/http/observe.py).
+            _AsgiSink(send.inner if isinstance(send, SendWithId) else send),
+            hub=self._hub,
+            store=self._store,
+            marker=self._marker,
+            key=(connector.id, user_id),
+            last_event_id=last_event_id,
+            options=self._options,
+        )
+        callbacks = disconnect_callbacks(scope)
+        if callbacks is not None:
+            # hypercorn tells us when the client goes (sidecar/http/disconnect.py): no task
+            # has to wait for `http.disconnect`.
+            client = _ClientWatch()
+            callbacks.append(client.gone)
+            try:
+                with client.scope:
+                    await stream
+            finally:
+                callbacks.remove(client.gone)
+            client_gone = client.left
+        else:
+            client_gone = await _run_watching_disconnect(stream, receive)
+        if not client_gone:
             # The hub closed the stream (slow consumer, shutdown): end the response cleanly
             # so the browser reconnects.
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _ClientWatch:
+    """Cancels the stream when hypercorn reports its client gone (small: one per stream)."""
+
+    __slots__ = ("left", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.left = False
+
+    def gone(self) -> None:
+        self.left = True
+        self.scope.cancel()
+
+
+async def _run_watching_disconnect(stream: Awaitable[None], receive: Receive) -> bool:
+    """Await `stream` next to a task that cancels it at `http.disconnect`; whether the
+    client went away."""
+    client_gone = False
+
+    async def watch_disconnect(cancel_scope: trio.CancelScope) -> None:
+        nonlocal client_gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        client_gone = True
+        cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+        await stream
+        nursery.cancel_scope.cancel()
+    return client_gone
 
 
 class _AsgiSink:

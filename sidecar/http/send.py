@@ -2,23 +2,38 @@
 
 A 202 means the message is committed to the store; it is then queued on this instance's
 open streams of the recipient without waiting for them. Bad input changes nothing.
+
+`SendApp` serves the two send routes as plain ASGI in front of the quart-trio app (the
+busiest routes skip the framework's per-request work: request context, a reader task,
+the response object): a request it can take on its headers alone (POST, a JSON content
+type, a Content-Length within the limit, the bearer token when one is set) is answered
+here, with the same validation, statuses and JSON bodies; anything else (a wrong or
+missing token, another content type, a chunked or oversized body) goes to Quart, whose
+answers it already gives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import json
+import logging
 from functools import partial
 from importlib import resources
 from typing import Any
 
 import trio
+from hypercorn.typing import ASGIReceiveCallable as Receive
+from hypercorn.typing import ASGISendCallable as Send
+from hypercorn.typing import Scope
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import InternalServerError
 
 from sidecar.config import Settings
 from sidecar.http.common import (
     ApiError,
+    error_body,
     install_error_handlers,
     install_health_routes,
     json_response,
@@ -29,7 +44,9 @@ from sidecar.identity import MAX_USER_ID_LENGTH
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol.message import Message, new_id
 from sidecar.protocol.sse import dumps
-from sidecar.store.base import Store
+from sidecar.store.base import Store, StoreUnavailable
+
+log = logging.getLogger("sidecar.send")
 
 _FIELDS = {"connectorId", "recipientId", "response"}
 # The API description, checked in (sidecar/static/openapi.json) and served as it is.
@@ -88,6 +105,7 @@ class _Saved:
     dispatched: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     def dispatch(self, hub: Hub) -> None:
+        hub.in_flight.difference_update(m.id for m in self.messages)
         for m in self.messages:
             delivered = hub.dispatch(m)
             if delivered:
@@ -106,12 +124,15 @@ async def store_and_dispatch(
     ticket are taken in one step, with no checkpoint in between."""
     messages = [Message(new_id(), c, r, response) for c, r, response in items]
     ticket = hub.sequencer.take()
+    hub.in_flight.update(m.id for m in messages)
     batch = _Saved(messages, hub.metrics.clock())
     saved = False
     try:
         await store.save(messages)
         saved = True
     finally:
+        if not saved:
+            hub.in_flight.difference_update(m.id for m in messages)
         # A failed save still finishes its ticket, so the sends behind it go out.
         for dispatch in hub.sequencer.finish(
             ticket, partial(batch.dispatch, hub) if saved else None
@@ -120,6 +141,12 @@ async def store_and_dispatch(
     # Dispatched by now, or as soon as the sends before it are saved (or have failed).
     await batch.dispatched.wait()
     return batch.results
+
+
+def _bearer_ok(given: str, token: bytes) -> bool:
+    """Whether an Authorization header value carries `token` as a bearer token."""
+    scheme, _, value = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
 
 
 async def json_body(limit: int) -> Any:
@@ -145,9 +172,7 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
     async def authenticate() -> None:
         if token is None or request.path in OPEN_PATHS:
             return
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+        if not _bearer_ok(request.headers.get("Authorization", ""), token):
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
 
     @app.post("/v1/send")
@@ -177,3 +202,123 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
         return Response(openapi, content_type="application/json")
 
     return app
+
+
+_JSON_HEADERS = (b"content-type", b"application/json")
+_INTERNAL_ERROR = InternalServerError()
+
+
+class SendApp:
+    """The ASGI application of the send listener: the send routes' fast path in front of
+    `build_send_app`'s Quart app (see the module docstring)."""
+
+    def __init__(self, settings: Settings, hub: Hub, store: Store) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._store = store
+        self._token = settings.send_token.encode() if settings.send_token else None
+        self._limits = {
+            "/v1/send": settings.max_payload_bytes,
+            "/v1/send/batch": settings.max_batch_bytes,
+        }
+        self.quart = build_send_app(settings, hub, store)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            limit = self._limits.get(scope["path"])
+            if limit is not None and self._takes(scope["headers"], limit):
+                return await self._serve(scope["path"], limit, receive, send)
+        await self.quart(scope, receive, send)
+
+    def _takes(self, headers: Any, limit: int) -> bool:
+        """Whether the request can be served here: what Quart would refuse before reading
+        the body (token, content type, declared size) is left to Quart."""
+        content_type = content_length = authorization = None
+        for name, value in headers:
+            if name == b"content-type":
+                if content_type is None:
+                    content_type = value
+            elif name == b"content-length":
+                if content_length is not None:
+                    return False
+                content_length = value
+            elif name == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif name == b"transfer-encoding":
+                return False
+        if content_length is None or not content_length.isdigit() or int(content_length) > limit:
+            return False
+        if content_type is None or _mimetype(content_type) != "application/json":
+            return False
+        token = self._token
+        return token is None or (
+            authorization is not None and _bearer_ok(bytes(authorization).decode("latin-1"), token)
+        )
+
+    async def _serve(self, path: str, limit: int, receive: Receive, send: Send) -> None:
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was complete
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+                size += len(chunk)
+            if not message.get("more_body", False):
+                break
+        status = 202
+        try:
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+            payload = parse_json(b"".join(chunks))
+            if path == "/v1/send":
+                item = parse_item(payload, self._settings)
+                (result,) = await store_and_dispatch(self._store, self._hub, [item])
+                body = _compact(result)
+            else:
+                body = _compact({"results": await self._batch(payload)})
+        except ApiError as exc:
+            status, body = exc.status, error_body(exc.code, exc.message)
+        except StoreUnavailable:
+            body = error_body("store_unavailable", "the message store is unavailable; retry later")
+            return await _respond(send, 503, body, (b"retry-after", b"1"))
+        except Exception:
+            log.exception("Exception on request POST %s", path)
+            code = (_INTERNAL_ERROR.name or "error").lower().replace(" ", "_")
+            status, body = 500, error_body(code, _INTERNAL_ERROR.description or "error")
+        await _respond(send, status, body)
+
+    async def _batch(self, payload: Any) -> list[dict[str, Any]]:
+        settings = self._settings
+        if not isinstance(payload, list):
+            raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
+        if len(payload) > settings.max_batch_items:
+            raise ApiError(
+                413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
+            )
+        items = [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
+        return await store_and_dispatch(self._store, self._hub, items)
+
+
+def _mimetype(content_type: bytes) -> str:
+    return bytes(content_type).partition(b";")[0].strip().decode("latin-1").lower()
+
+
+def _compact(body: Any) -> bytes:
+    """As `json_response` encodes a body."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _respond(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    """One response as Quart gives it (content type, then length), in two ASGI messages."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

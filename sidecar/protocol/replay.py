@@ -10,40 +10,53 @@ window of a few thousand ids is enough.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 
 from sidecar.protocol.message import Message
 
 
 class SeenWindow:
+    """The last `size` ids added. Its containers are made on the first `add`: most open
+    streams are idle, and an empty deque alone costs over 600 bytes."""
+
+    __slots__ = ("_ids", "_order", "_size")
+
     def __init__(self, size: int = 4096) -> None:
         if size < 1:
             raise ValueError("size must be positive")
-        self._order: deque[str] = deque()
-        self._ids: set[str] = set()
+        self._order: deque[str] | None = None
+        self._ids: set[str] | None = None
         self._size = size
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return 0 if self._ids is None else len(self._ids)
 
     def __contains__(self, message_id: object) -> bool:
-        return message_id in self._ids
+        return self._ids is not None and message_id in self._ids
 
     def add(self, message_id: str) -> bool:
         """Remember `message_id`; False when it was already there (a duplicate)."""
-        if message_id in self._ids:
+        ids, order = self._ids, self._order
+        if ids is None or order is None:
+            self._ids, self._order = {message_id}, deque((message_id,))
+            return True
+        if message_id in ids:
             return False
-        self._ids.add(message_id)
-        self._order.append(message_id)
-        if len(self._order) > self._size:
-            self._ids.discard(self._order.popleft())
+        ids.add(message_id)
+        order.append(message_id)
+        if len(order) > self._size:
+            ids.discard(order.popleft())
         return True
 
 
-def replay_order(batch: Iterable[Message], seen: SeenWindow) -> Iterator[Message]:
-    """The messages of a replay batch to write, in id order, none seen before."""
+def replay_order(
+    batch: Iterable[Message], seen: SeenWindow, skip: Container[str] = frozenset()
+) -> Iterator[Message]:
+    """The messages of a replay batch to write, in id order, none seen before, none in
+    `skip`: this instance's own sends still in flight, which a replay may find committed
+    ahead of an earlier send still being saved; they come live, in id order, instead."""
     for message in sorted(batch, key=lambda m: m.id):
-        if seen.add(message.id):
+        if message.id not in skip and seen.add(message.id):
             yield message
 
 

@@ -3,6 +3,16 @@
 One connection serves the whole instance; every call runs in a trio worker thread, one at a
 time (a CapacityLimiter of 1), so the trio loop never waits on SQLite. WAL mode with
 synchronous=FULL makes a committed save survive a crash of the process or the machine.
+
+While the feed runs it also checkpoints the WAL every `CHECKPOINT_INTERVAL`, on a second
+connection and outside the one-at-a-time limiter (a PASSIVE checkpoint does not block
+writers), so no save waits behind a checkpoint.
+
+Concurrent saves are committed together (group commit): a save that finds another one
+being written queues its rows; when that write is done, the longest-waiting queued save
+writes every queued save's rows in one transaction, one worker-thread hop and one fsync,
+and each save returns once the transaction holding its rows has committed (or raises if
+it failed: each save is still all or none, and a return still means durably committed).
 Retention follows Tock's settings: at most `max_count` messages (the oldest go first, as in
 Tock's capped collection) and, when set, none older than `ttl_days`.
 
@@ -12,8 +22,10 @@ file; a process finds its own saves there too and the hub drops them as already 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +40,8 @@ from sidecar.protocol.message import Message, State
 from sidecar.store.base import FeedItem, StoreUnavailable
 
 T = TypeVar("T")
+
+log = logging.getLogger("sidecar.store.sqlite")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -50,6 +64,21 @@ FEED_INTERVAL = 0.25
 FEED_BATCH = 500
 # TTL pruning is a range delete on an index; once a minute is plenty.
 TTL_PRUNE_INTERVAL = 60.0
+# While the feed runs, the WAL is checkpointed this often on a connection of its own,
+# instead of by whichever commit crosses SQLite's threshold (a save then waited for it).
+CHECKPOINT_INTERVAL = 1.0
+# SQLite's default wal_autocheckpoint, restored when the feed stops.
+AUTOCHECKPOINT_PAGES = 1000
+
+
+async def _checkpoint(connection: sqlite3.Connection) -> None:
+    def checkpoint() -> None:
+        try:
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # busy or failing: the next one catches up
+            log.debug("WAL checkpoint failed: %s", exc)
+
+    await trio.to_thread.run_sync(checkpoint)
 
 
 def _row(row: tuple[Any, ...]) -> Message:
@@ -64,6 +93,17 @@ def _row(row: tuple[Any, ...]) -> Message:
     )
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Save:
+    """One `save` call's rows, queued for the next group commit."""
+
+    rows: list[tuple[Any, ...]]
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    taken: bool = False  # in a transaction (running or done): no longer cancellable
+    done: bool = False
+    error: BaseException | None = None
+
+
 class SqliteStore:
     def __init__(self, connection: sqlite3.Connection, max_count: int, ttl_days: float | None):
         self._db = connection
@@ -71,6 +111,8 @@ class SqliteStore:
         self._ttl_seconds = ttl_days * 86400 if ttl_days else None
         self._limiter = trio.CapacityLimiter(1)
         self._next_ttl_prune = 0.0
+        self._saves: list[_Save] = []  # queued for the next group commit, in call order
+        self._writing = False  # a group commit is running; the next one waits for it
 
     @classmethod
     async def open(
@@ -118,24 +160,59 @@ class SqliteStore:
             for m in messages
         ]
 
-        def save() -> None:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows
-            )
-            # Keep the newest max_count rows: seq only grows, so this is an index range.
-            db.execute(
-                "DELETE FROM messages WHERE seq <= (SELECT MAX(seq) FROM messages) - ?",
-                (self._max_count,),
-            )
-            now = time.time()
-            if self._ttl_seconds is not None and now >= self._next_ttl_prune:
-                db.execute("DELETE FROM messages WHERE enqueued_at < ?", (now - self._ttl_seconds,))
-                self._next_ttl_prune = now + TTL_PRUNE_INTERVAL
-            db.execute("COMMIT")
+        entry = _Save(rows)
+        self._saves.append(entry)
+        if self._writing:
+            try:
+                # Woken when a commit holding these rows is done, or to write it.
+                await entry.wake.wait()
+            except BaseException:
+                if not entry.taken:  # still queued: leave, nothing of it is written
+                    self._saves.remove(entry)
+                raise
+        if not entry.done:
+            await self._commit_queued()
+        if entry.error is not None:
+            raise entry.error
 
-        await self._run(save)
+    async def _commit_queued(self) -> None:
+        """Write every queued save in one transaction, wake their callers, then hand the
+        next group to the first save queued meanwhile. Shielded: a cancelled caller must
+        neither leave the others' rows unwritten nor leave the queue without a writer."""
+        self._writing = True
+        with trio.CancelScope(shield=True):
+            group, self._saves = self._saves, []
+            for entry in group:
+                entry.taken = True
+            try:
+                await self._run(partial(self._insert, [row for e in group for row in e.rows]))
+            except Exception as exc:
+                for entry in group:
+                    entry.error = exc
+            for entry in group:
+                entry.done = True
+                entry.wake.set()
+            if self._saves:
+                self._saves[0].wake.set()  # it writes the next group
+            else:
+                self._writing = False
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows
+        )
+        # Keep the newest max_count rows: seq only grows, so this is an index range.
+        db.execute(
+            "DELETE FROM messages WHERE seq <= (SELECT MAX(seq) FROM messages) - ?",
+            (self._max_count,),
+        )
+        now = time.time()
+        if self._ttl_seconds is not None and now >= self._next_ttl_prune:
+            db.execute("DELETE FROM messages WHERE enqueued_at < ?", (now - self._ttl_seconds,))
+            self._next_ttl_prune = now + TTL_PRUNE_INTERVAL
+        db.execute("COMMIT")
 
     async def pending(
         self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
@@ -161,12 +238,25 @@ class SqliteStore:
         return await self._run(lambda: self._db.execute(sql, params).rowcount)
 
     async def mark_sent(self, ids: Sequence[str]) -> int:
+        """Not synced to disk on its own (synchronous=NORMAL for this one statement): the
+        next save's commit syncs it along. A crash may lose the newest SENT marks; those
+        messages are then replayed once more, which SENT allows (the client drops repeats
+        by id). One fsync less on the path every save waits behind."""
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        return await self._update(
-            f"UPDATE messages SET state = 1 WHERE state = 0 AND id IN ({marks})", list(ids)
-        )
+        sql = f"UPDATE messages SET state = 1 WHERE state = 0 AND id IN ({marks})"
+        params = list(ids)
+
+        def mark() -> int:
+            db = self._db
+            db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return int(db.execute(sql, params).rowcount)
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+
+        return await self._run(mark)
 
     async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
         if not ids:
@@ -211,19 +301,60 @@ class SqliteStore:
             ).fetchall()
 
         last = await self._run(newest)
+        checkpointer = await self._open_checkpointer()
         task_status.started()
-        while True:
+        next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
+        try:
+            while True:
+                try:
+                    rows = await self._run(partial(since, last))
+                except StoreUnavailable:
+                    # Rows are read by sequence number, so whatever is written while the
+                    # file cannot be read is picked up once it can.
+                    rows = []
+                for row in rows:
+                    last = row[0]
+                    await send.send(_row(row[1:]))
+                if len(rows) < FEED_BATCH:
+                    await trio.sleep(FEED_INTERVAL)
+                if checkpointer is not None and trio.current_time() >= next_checkpoint:
+                    await _checkpoint(checkpointer)
+                    next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
+        finally:
+            if checkpointer is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(checkpointer.close)
+                    with suppress(StoreUnavailable):
+                        await self._run(
+                            lambda: self._db.execute(
+                                f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}"
+                            )
+                        )
+
+    async def _open_checkpointer(self) -> sqlite3.Connection | None:
+        """A second connection to checkpoint with, after turning off the automatic
+        checkpoints of the first; None (automatic checkpoints stay) if that fails."""
+
+        def connect() -> sqlite3.Connection | None:
+            row = self._db.execute("PRAGMA database_list").fetchone()
+            path = row[2] if row is not None else ""
+            if not path:  # an in-memory database has no WAL to checkpoint
+                return None
+            other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
-                rows = await self._run(partial(since, last))
-            except StoreUnavailable:
-                # Rows are read by sequence number, so whatever is written while the file
-                # cannot be read is picked up once it can.
-                rows = []
-            for row in rows:
-                last = row[0]
-                await send.send(_row(row[1:]))
-            if len(rows) < FEED_BATCH:
-                await trio.sleep(FEED_INTERVAL)
+                # Opens its WAL file descriptor now, not at the first checkpoint.
+                other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
+            except BaseException:
+                other.close()
+                raise
+            return other
+
+        try:
+            return await self._run(connect)
+        except StoreUnavailable as exc:
+            log.warning("WAL checkpoints stay automatic: %s", exc)
+            return None
 
     async def aclose(self) -> None:
         await self._run(self._db.close)

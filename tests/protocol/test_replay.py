@@ -132,3 +132,10 @@ def test_merge_live_before_replay() -> None:
     written = [m for m in [c, d] if live(m, seen)]
     written.extend(replay_order([a, b, c], seen))
     assert written == [c, d, a, b]
+
+
+def test_replay_order_leaves_out_skipped_ids_without_remembering_them() -> None:
+    seen = SeenWindow()
+    batch = [msg(2), msg(1), msg(3)]
+    assert [m.id for m in replay_order(batch, seen, skip={mid(2)})] == [mid(1), mid(3)]
+    assert mid(2) not in seen
