@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -161,3 +162,18 @@ async def spawn_sidecar(env: dict[str, str]) -> AsyncIterator[SidecarProcess]:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+class BrokenSqliteConnection:
+    """Stands in for the SQLite store's connection: every statement fails as a failing
+    disk would (`store._db = BrokenSqliteConnection()`)."""
+
+    in_transaction = False
+
+    def execute(self, *args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    executemany = execute
+
+    def close(self) -> None:
+        pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,13 @@ import pytest
 
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import State
-from tests.sidecar_harness import Sidecar, SseClient, running_sidecar, settings_for
+from tests.sidecar_harness import (
+    BrokenSqliteConnection,
+    Sidecar,
+    SseClient,
+    running_sidecar,
+    settings_for,
+)
 
 ID_RE = re.compile(r"[0-9a-f]{24}")
 VALID = {"connectorId": "web", "recipientId": "alice", "response": {"responses": [{"text": "hi"}]}}
@@ -410,24 +415,10 @@ async def test_health_on_both_listeners(sidecar: Sidecar) -> None:
             assert reply.json() == {"status": "ok"} | expected
 
 
-class _BrokenConnection:
-    """Stands in for the SQLite connection: every statement fails as a failing disk would."""
-
-    in_transaction = False
-
-    def execute(self, *args: Any) -> Any:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    executemany = execute
-
-    def close(self) -> None:
-        pass
-
-
 async def test_readyz_is_503_while_the_store_is_unavailable(sidecar: Sidecar) -> None:
     store: Any = sidecar.running.store
     real = store._db
-    store._db = _BrokenConnection()
+    store._db = BrokenSqliteConnection()
     try:
         for base in (sidecar.public, sidecar.send_url):
             reply = await sidecar.client.get(f"{base}/readyz")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,13 @@ from sidecar.hub import Hub
 from sidecar.metrics import Metrics
 from sidecar.protocol.message import IdGenerator, Message
 from sidecar.store.sqlite import SqliteStore
-from tests.sidecar_harness import Sidecar, running_sidecar, settings_for, spawn_sidecar
+from tests.sidecar_harness import (
+    BrokenSqliteConnection,
+    Sidecar,
+    running_sidecar,
+    settings_for,
+    spawn_sidecar,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -127,21 +132,9 @@ async def test_feed_lag_of_a_message_another_writer_stored(sidecar: Sidecar) -> 
     assert value(samples, "sidecar_messages_total", transition="enqueued") == 0
 
 
-class _BrokenConnection:
-    in_transaction = False
-
-    def execute(self, *args: Any) -> Any:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    executemany = execute
-
-    def close(self) -> None:
-        pass
-
-
 async def test_store_errors_are_counted_by_operation(sidecar: Sidecar) -> None:
     store: Any = sidecar.running.store
-    real, store._db = store._db, _BrokenConnection()
+    real, store._db = store._db, BrokenSqliteConnection()
     try:
         body = {"connectorId": "web", "recipientId": "alice", "response": {}}
         reply = await sidecar.client.post(f"{sidecar.send_url}/v1/send", json=body)

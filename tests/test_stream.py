@@ -228,20 +228,27 @@ async def test_history_lost_makes_open_streams_catch_up_from_the_store(
         assert await running.sink.wait_for(2) == [first.id, missed.id]
 
 
+def slow_first_save(store: HookedStore) -> tuple[trio.Event, trio.Event]:
+    """Make the store's next save wait: the first event is set when it starts, and it goes
+    on once the second one is set. Later saves run at once."""
+    started, release = trio.Event(), trio.Event()
+    real_save = store.save
+
+    async def save(messages: Sequence[Message]) -> None:
+        if not started.is_set():
+            started.set()
+            await release.wait()
+        await real_save(messages)
+
+    store.save = save  # type: ignore[method-assign]
+    return started, release
+
+
 async def test_concurrent_sends_are_dispatched_in_id_order(store: HookedStore) -> None:
     from sidecar.http.send import store_and_dispatch
 
     hub = Hub(64)
-    first_saving, release_first = trio.Event(), trio.Event()
-    real_save = store.save
-
-    async def save(messages: Sequence[Message]) -> None:
-        if not first_saving.is_set():
-            first_saving.set()
-            await release_first.wait()  # the first send's save is the slow one
-        await real_save(messages)
-
-    store.save = save  # type: ignore[method-assign]
+    first_saving, release_first = slow_first_save(store)
     with hub.subscribe(KEY) as sub:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 0})])
@@ -263,16 +270,7 @@ async def test_replay_leaves_a_send_in_flight_to_come_live_in_id_order(
     from sidecar.http.send import store_and_dispatch
 
     hub = Hub(64)
-    first_saving, release_first = trio.Event(), trio.Event()
-    real_save = store.save
-
-    async def save(messages: Sequence[Message]) -> None:
-        if not first_saving.is_set():
-            first_saving.set()
-            await release_first.wait()
-        await real_save(messages)
-
-    store.save = save  # type: ignore[method-assign]
+    first_saving, release_first = slow_first_save(store)
     async with trio.open_nursery() as senders:
         senders.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 0})])
         await first_saving.wait()
