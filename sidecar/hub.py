@@ -250,8 +250,10 @@ class Hub:
 
     def dispatch(self, message: Message) -> int:
         """Offer `message` to every open stream of its recipient, once per instance.
-        Returns how many streams it was queued on (0 when it was already dispatched)."""
-        if not self._dispatched.add(message.id):
+        Returns how many streams it was queued on (0 when it was already dispatched, or is
+        one of this instance's sends in flight: the store's feed can report those before
+        their turn, and the send path dispatches them in id order)."""
+        if message.id in self.in_flight or not self._dispatched.add(message.id):
             return 0
         self.stats.dispatched += 1
         return sum(self._offer(sub, message) for sub in list(self._streams.get(message.key, ())))

@@ -41,8 +41,9 @@ log = logging.getLogger("sidecar.stream")
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0
 # Most messages written in one write (one body chunk).
 COALESCE_MAX = 64
-# Frames of the most recently encoded live messages, shared by all streams.
-FRAME_CACHE_SIZE = 1024
+# Frames of the most recently encoded live messages, shared by all streams; bounded in
+# bytes (a fan-out writes each message to its streams shortly after it is dispatched).
+FRAME_CACHE_BYTES = 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -288,23 +289,32 @@ class _Stream:
             await self._ping()
 
 
-# Ordered, so the oldest go in O(1) (`del d[next(iter(d))]` on a plain dict slows down as
-# deleted slots pile up at its front).
-_frames: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
+class _FrameCache:
+    """Each live message's SSE frame, encoded once for all the streams that write it; keyed
+    by id and checked against the very response object, so it cannot go stale. Bounded in
+    bytes; the oldest go first (an OrderedDict drops its front in O(1))."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._frames: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+
+    def frame(self, message: Message) -> bytes:
+        cached = self._frames.get(message.id)
+        if cached is not None and cached[0] is message.response:
+            return cached[1]
+        frame = _encode(message)
+        if cached is not None:
+            self._bytes -= len(self._frames.pop(message.id)[1])
+        self._frames[message.id] = (message.response, frame)
+        self._bytes += len(frame)
+        while self._bytes > self._max_bytes:
+            self._bytes -= len(self._frames.popitem(last=False)[1][1])
+        return frame
 
 
 def _encode(message: Message) -> bytes:
     return sse.encode_message(message.id, message.response)
 
 
-def _frame(message: Message) -> bytes:
-    """`message`'s SSE frame; encoded once for all the streams that write it (the cache is
-    keyed by id and checked against the very response object, so it cannot go stale)."""
-    cached = _frames.get(message.id)
-    if cached is not None and cached[0] is message.response:
-        return cached[1]
-    frame = _encode(message)
-    if len(_frames) >= FRAME_CACHE_SIZE:
-        _frames.popitem(last=False)
-    _frames[message.id] = (message.response, frame)
-    return frame
+_frame = _FrameCache(FRAME_CACHE_BYTES).frame

@@ -227,3 +227,14 @@ async def test_one_leaving_keeps_the_others() -> None:
         assert hub.stream_count(A) == 1
         assert hub.dispatch(msg(1)) == 1
         assert drain(stays) == [msg(1)]
+
+
+async def test_a_send_in_flight_is_dispatched_by_its_sender_not_by_the_feed() -> None:
+    hub = Hub(8)
+    message = Message("0" * 23 + "1", "web", "u", {})
+    with hub.subscribe(("web", "u")) as sub:
+        hub.in_flight.add(message.id)
+        assert hub.dispatch(message) == 0  # the feed saw the insert first
+        hub.in_flight.discard(message.id)
+        assert hub.dispatch(message) == 1  # its turn, from the send path
+        assert sub.receive.receive_nowait() is message
