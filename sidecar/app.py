@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
@@ -43,12 +45,16 @@ class Running:
     settings: Settings
 
 
-def _hypercorn_config(bind: Bind, settings: Settings) -> Config:
+def _listener_config(bind: Bind, settings: Settings, *, send: bool) -> Config:
+    """hypercorn's config for one listener, with the settings' limits."""
     # Half-open and never-reading clients are cut off by the kernel after the write
     # timeout: hypercorn's writes cannot be cancelled from here (sidecar/net.py).
     config = ListenerConfig()
     config.write_timeout = settings.write_timeout_seconds
     contain_connection_errors()  # one connection's failure must not stop the listener
+    shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
+    write_head_with_body()  # one socket write per small response (sidecar/http/writes.py)
+    notify_disconnects()  # no task per stream waiting for its client to go (http/disconnect.py)
     config.bind = [str(bind)]
     config.graceful_timeout = settings.shutdown_seconds
     config.accesslog = None
@@ -57,14 +63,6 @@ def _hypercorn_config(bind: Bind, settings: Settings) -> Config:
     # A bot keeps one connection open for all its sends; hypercorn's default of 1000
     # requests per connection would close it under load.
     config.keep_alive_max_requests = 2**62
-    return config
-
-
-def _limit_listener(config: Config, settings: Settings, *, send: bool) -> Config:
-    """The limits of the settings on one listener's hypercorn config."""
-    shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
-    write_head_with_body()  # one socket write per small response (sidecar/http/writes.py)
-    notify_disconnects()  # no task per stream waiting for its client to go (http/disconnect.py)
     # Request line plus headers: RequestIds answers 431 past it; this bounds what hypercorn
     # buffers of an incomplete request (it answers 431 itself past that).
     config.h11_max_incomplete_size = settings.max_header_bytes
@@ -98,15 +96,24 @@ async def _pump_feed(
                 hub.dispatch(item)
 
 
-async def run(
-    settings: Settings,
-    shutdown: trio.Event,
-    *,
-    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Core:
+    """What an instance serves from, whatever HTTP server carries it."""
+
+    raw_store: Store
+    store: Store  # the same, counted by `metrics`
+    hub: Hub
+    marker: SentMarker
+    metrics: Metrics
+
+
+@asynccontextmanager
+async def open_core(settings: Settings) -> AsyncIterator[Core]:
+    """Open the store and run the sent marker, the hub's pinger and the feed for the
+    block. On exit the marker gets `shutdown_seconds` to write what it has queued, then
+    the rest is cancelled and the store closed."""
     async with open_store(settings) as raw_store, trio.open_nursery() as nursery:
         metrics = Metrics()
-        # Everything below uses the store through this; `Running.store` is the store itself.
         store = InstrumentedStore(raw_store, metrics)
         hub = Hub(
             settings.stream_buffer, max_per_key=settings.max_streams_per_user, metrics=metrics
@@ -122,54 +129,54 @@ async def run(
             "SENT marks dropped because their queue was full (the message replays once more)",
             lambda: marker.dropped,
         )
-        draining = trio.Event()
         nursery.start_soon(marker.run)
         await nursery.start(hub.run_pings)
         await nursery.start(_pump_feed, store, hub)
+        yield Core(raw_store, store, hub, marker, metrics)
+        marker.close()
+        with trio.move_on_after(settings.shutdown_seconds):
+            await marker.flushed.wait()
+        nursery.cancel_scope.cancel()
 
+
+async def run(
+    settings: Settings,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with open_core(settings) as core:
+        hub, store = core.hub, core.store
+        draining = trio.Event()
         stop_listening = trio.Event()
         public_app = RequestIds(
-            PublicApp(settings, hub, store, marker, draining), settings.max_header_bytes
+            PublicApp(settings, hub, store, core.marker, draining), settings.max_header_bytes
         )
         send_app = RequestIds(SendApp(settings, hub, store), settings.max_header_bytes)
         async with trio.open_nursery() as servers:
-            (public_url,) = await servers.start(
-                partial(
-                    serve,
-                    public_app,
-                    _limit_listener(
-                        _hypercorn_config(settings.public_bind, settings), settings, send=False
-                    ),
-                    shutdown_trigger=stop_listening.wait,
-                    mode="asgi",
+            urls = []
+            for app, bind, is_send in (
+                (public_app, settings.public_bind, False),
+                (send_app, settings.send_bind, True),
+            ):
+                config = _listener_config(bind, settings, send=is_send)
+                (url,) = await servers.start(
+                    partial(serve, app, config, shutdown_trigger=stop_listening.wait, mode="asgi")
                 )
-            )
-            (send_url,) = await servers.start(
-                partial(
-                    serve,
-                    send_app,
-                    _limit_listener(
-                        _hypercorn_config(settings.send_bind, settings), settings, send=True
-                    ),
-                    shutdown_trigger=stop_listening.wait,
-                    mode="asgi",
-                )
-            )
+                urls.append(url)
+            public_url, send_url = urls
             log.info(
                 "sidecar listening: public %s send %s store %s",
                 public_url,
                 send_url,
                 settings.store.split("@")[-1],
             )
-            task_status.started(Running(public_url, send_url, hub, raw_store, settings))
+            # `Running.store` is the store itself (tests reach into it), not the counted one.
+            task_status.started(Running(public_url, send_url, hub, core.raw_store, settings))
             await shutdown.wait()
             log.info("draining: closing %d streams", hub.stream_count())
             draining.set()
             stop_listening.set()
             hub.close_all(CloseReason.SHUTDOWN)
         # Both servers have returned: every request is finished or was cut at the deadline.
-        marker.close()
-        with trio.move_on_after(settings.shutdown_seconds):
-            await marker.flushed.wait()
-        nursery.cancel_scope.cancel()
     log.info("stopped")

@@ -56,7 +56,7 @@ import h11
 import trio
 
 from sidecar import identity
-from sidecar.app import _pump_feed
+from sidecar.app import open_core
 from sidecar.config import Bind, Connector, Settings
 from sidecar.http.common import (
     ApiError,
@@ -68,10 +68,9 @@ from sidecar.http.common import (
 from sidecar.http.public import SSE_HEADERS, STREAMS_RETRY_AFTER
 from sidecar.http.send import parse_item, store_and_dispatch
 from sidecar.hub import CloseReason, Hub
-from sidecar.metrics import InstrumentedStore, Metrics
 from sidecar.net import bound_unacknowledged
 from sidecar.protocol.message import normalize_id
-from sidecar.store import Store, StoreUnavailable, open_store
+from sidecar.store import Store, StoreUnavailable
 from sidecar.stream import ClientGone, SentMarker, StreamOptions, serve_stream
 
 log = logging.getLogger("sidecar.h11")
@@ -593,17 +592,10 @@ async def serve(
     task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run both listeners until `shutdown` is set, then drain as the sidecar does."""
-    async with open_store(settings) as raw_store, trio.open_nursery() as nursery:
-        metrics = Metrics()
-        store = InstrumentedStore(raw_store, metrics)
-        hub = Hub(
-            settings.stream_buffer, max_per_key=settings.max_streams_per_user, metrics=metrics
-        )
-        marker = SentMarker(store)
+    async with open_core(settings) as core:
+        hub = core.hub
         draining = trio.Event()
-        nursery.start_soon(marker.run)
-        await nursery.start(_pump_feed, store, hub)
-        proto = Prototype(settings, hub, store, marker, draining)
+        proto = Prototype(settings, hub, core.store, core.marker, draining)
         idle_connections = IdleConnections()
         public = await _listen(settings.public_bind, settings)
         send = await _listen(settings.send_bind, settings)
@@ -634,10 +626,6 @@ async def serve(
             idle_connections.close_all()
             # In-flight requests get the shutdown time, then the rest is cancelled.
             connections.cancel_scope.deadline = trio.current_time() + settings.shutdown_seconds
-        marker.close()
-        with trio.move_on_after(settings.shutdown_seconds):
-            await marker.flushed.wait()
-        nursery.cancel_scope.cancel()
 
 
 async def main() -> None:
