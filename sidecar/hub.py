@@ -159,8 +159,9 @@ class Hub:
         self._count = 0
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.streams_open.set_function(self.stream_count)
-        # Ids this instance already dispatched, so the store's feed, which also reports this
-        # instance's own saves, does not dispatch them again.
+        # Ids this instance already dispatched, so the store's feed, which may also report
+        # this instance's own saves (a MongoDB change stream does), does not dispatch them
+        # again.
         self._dispatched = SeenWindow(dispatched_window)
         # This instance's own sends are dispatched in id order (see http/send.py).
         self.sequencer: Sequencer[Callable[[], None]] = Sequencer()

@@ -74,8 +74,9 @@ def mongodb_server() -> Iterator[str]:
 
 @asynccontextmanager
 async def open_mongo_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A MongoStore on a database of its own, dropped afterwards."""
-    import uuid
+    """A MongoStore on a database of the test's own (named after its temporary directory:
+    opened twice, two writers on one database), dropped afterwards."""
+    import hashlib
 
     import pymongo
 
@@ -83,7 +84,7 @@ async def open_mongo_store(request: pytest.FixtureRequest, tmp_path: Path) -> As
     from sidecar.store.mongo import MongoStore
 
     uri: str = request.getfixturevalue("mongodb_server")
-    name = f"t_{uuid.uuid4().hex[:12]}"
+    name = f"t_{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
     store = await MongoStore.open(Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": name}))
 
     def drop() -> None:
@@ -97,8 +98,9 @@ async def open_mongo_store(request: pytest.FixtureRequest, tmp_path: Path) -> As
         await trio.to_thread.run_sync(drop)
 
 
-# Every store implementation, by name: an async context manager giving a fresh, empty store.
-# The store conformance suite runs once per entry.
+# Every store implementation, by name: an async context manager giving a fresh, empty store
+# (opened twice with the same arguments: a second writer on the same data). The store
+# conformance suite runs once per entry.
 STORE_OPENERS: dict[
     str, Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[Store]]
 ] = {"mongo": open_mongo_store, "sqlite": open_sqlite_store}
@@ -107,6 +109,15 @@ STORE_OPENERS: dict[
 @pytest.fixture(params=sorted(STORE_OPENERS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     async with STORE_OPENERS[request.param](request, tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def other_writer(
+    request: pytest.FixtureRequest, tmp_path: Path, store: Store
+) -> AsyncIterator[Store]:
+    """Another store on `store`'s data, as another process would open it."""
+    async with STORE_OPENERS[request.node.callspec.params["store"]](request, tmp_path) as opened:
         yield opened
 
 

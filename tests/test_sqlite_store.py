@@ -6,10 +6,11 @@ import datetime
 from pathlib import Path
 
 import pytest
+import trio
 
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, new_id
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import FeedItem, StoreUnavailable
 from sidecar.store.sqlite import SqliteStore
 
 
@@ -81,3 +82,33 @@ async def test_sqlite_errors_become_store_unavailable(tmp_path: Path) -> None:
 async def test_unopenable_file_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="cannot open"):
         await SqliteStore.open(str(tmp_path / "missing-dir" / "s.db"))
+
+
+async def test_feed_skips_its_own_saves_but_not_what_others_write_between_them(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.db")
+    store, other = await SqliteStore.open(path), await SqliteStore.open(path)
+    send, receive = trio.open_memory_channel[FeedItem](100)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_feed, send)
+            own = [msg() for _ in range(4)]
+            theirs = [msg() for _ in range(3)]
+            await store.save(own[:1])
+            await other.save(theirs[:1])
+            await store.save(own[1:3])  # one transaction of two rows
+            await other.save(theirs[1:2])
+            await store.save(own[3:])
+            await other.save(theirs[2:])
+            seen = []
+            while len(seen) < len(theirs):
+                item = await receive.receive()
+                assert isinstance(item, Message)
+                seen.append(item.id)
+            # Had the feed read any of this store's rows, they would come before the last.
+            assert seen == [m.id for m in theirs]
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+        await other.aclose()

@@ -130,14 +130,17 @@ async def test_state_never_moves_backwards(store: Store) -> None:
     assert got.state == State.DELIVERED
 
 
-async def test_feed_sees_saves_made_after_it_started(store: Store) -> None:
+async def test_feed_sees_other_writers_saves_made_after_it_started(
+    store: Store, other_writer: Store
+) -> None:
     old = msg()
-    await store.save([old])
+    await other_writer.save([old])
     send, receive = trio.open_memory_channel[FeedItem](10)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run_feed, send)
         fresh = [msg(), msg("bob")]
-        await store.save(fresh)
+        await other_writer.save(fresh[:1])
+        await other_writer.save(fresh[1:])
         seen: list[str] = []
         while len(seen) < 2:
             item = await receive.receive()

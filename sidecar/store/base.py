@@ -66,10 +66,12 @@ class Store(Protocol):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Until cancelled, send every message saved from now on by any writer of this
-        store (this process included) into `send`, or `HistoryLost` when some may have
-        been missed. Calls `task_status.started()` once it is watching. A message may be
-        sent more than once; consumers drop repeats by id."""
+        """Until cancelled, send every message saved from now on by any other writer of
+        this store's data (another process, another store object) into `send`, or
+        `HistoryLost` when some may have been missed. Calls `task_status.started()` once it
+        is watching. Saves made through this store object may be sent too or left out (the
+        instance dispatches those itself), and a message may be sent more than once:
+        consumers drop repeats by id."""
 
     async def aclose(self) -> None:
         """Release the store's resources."""

@@ -14,10 +14,16 @@ writes every queued save's rows in one transaction, one worker-thread hop and on
 and each save returns once the transaction holding its rows has committed (or raises if
 it failed: each save is still all or none, and a return still means durably committed).
 Retention follows Tock's settings: at most `max_count` messages (the oldest go first, as in
-Tock's capped collection) and, when set, none older than `ttl_days`.
+Tock's capped collection; a trigger of this connection deletes them inside the insert) and,
+when set, none older than `ttl_days`. A save of one message is one statement: every
+statement is a round trip for the worker thread through the GIL, and on one core each such
+trip while the trio thread is busy costs a pair of context switches.
 
 The feed polls for rows added since it last looked, so several processes may share one
-file; a process finds its own saves there too and the hub drops them as already dispatched.
+file. It skips the rows this store committed itself: the instance dispatched those already,
+and reading them back would cost a JSON parse each. Their sequence numbers are recorded in
+the commit's own worker-thread call and read in the feed's, both under the limiter, so the
+feed never sees a row of this store's before its range is recorded.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ CREATE INDEX IF NOT EXISTS messages_enqueued_at ON messages (enqueued_at);
 """
 
 _COLUMNS = "id, connector_id, recipient_id, response, state, enqueued_at"
+_INSERT = f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 # How often the feed looks for rows written by other processes, and how many it takes.
 FEED_INTERVAL = 0.25
 FEED_BATCH = 500
@@ -105,14 +112,18 @@ class _Save:
 
 
 class SqliteStore:
-    def __init__(self, connection: sqlite3.Connection, max_count: int, ttl_days: float | None):
+    def __init__(self, connection: sqlite3.Connection, ttl_days: float | None):
         self._db = connection
-        self._max_count = max_count
         self._ttl_seconds = ttl_days * 86400 if ttl_days else None
         self._limiter = trio.CapacityLimiter(1)
         self._next_ttl_prune = 0.0
         self._saves: list[_Save] = []  # queued for the next group commit, in call order
         self._writing = False  # a group commit is running; the next one waits for it
+        # While the feed runs: the seq ranges (first, last) this store committed and the
+        # feed has not passed yet, in order, adjacent ones merged. Only touched in worker
+        # threads under the limiter.
+        self._feeding = False
+        self._own: list[tuple[int, int]] = []
 
     @classmethod
     async def open(
@@ -124,6 +135,12 @@ class SqliteStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(_SCHEMA)
+                # Keep the newest max_count rows: seq only grows, so this is an index range.
+                # TEMP: this connection's own, with this run's setting.
+                db.execute(
+                    "CREATE TEMP TRIGGER IF NOT EXISTS keep_newest AFTER INSERT ON messages"
+                    f" BEGIN DELETE FROM messages WHERE seq <= NEW.seq - {int(max_count)}; END"
+                )
             except BaseException:
                 db.close()
                 raise
@@ -133,7 +150,7 @@ class SqliteStore:
             connection = await trio.to_thread.run_sync(connect)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite store {path!r}: {exc}") from exc
-        return cls(connection, max_count, ttl_days)
+        return cls(connection, ttl_days)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         def guarded() -> T:
@@ -199,20 +216,42 @@ class SqliteStore:
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(
-            f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows
-        )
-        # Keep the newest max_count rows: seq only grows, so this is an index range.
-        db.execute(
-            "DELETE FROM messages WHERE seq <= (SELECT MAX(seq) FROM messages) - ?",
-            (self._max_count,),
-        )
         now = time.time()
-        if self._ttl_seconds is not None and now >= self._next_ttl_prune:
+        prune = self._ttl_seconds is not None and now >= self._next_ttl_prune
+        if len(rows) == 1 and not prune:
+            # In autocommit mode one statement is a whole (durable) transaction.
+            cursor = db.execute(_INSERT, rows[0])
+            if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                self._committed(cursor.lastrowid, cursor.lastrowid)
+            return
+        db.execute("BEGIN IMMEDIATE")
+        before = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
+        db.executemany(_INSERT, rows)
+        last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+        if self._ttl_seconds is not None and prune:
             db.execute("DELETE FROM messages WHERE enqueued_at < ?", (now - self._ttl_seconds,))
             self._next_ttl_prune = now + TTL_PRUNE_INTERVAL
         db.execute("COMMIT")
+        # Every row numbered after `before` up to `last` is one of these: the transaction
+        # held the file's write lock (a rolled-back one records nothing).
+        self._committed(before + 1, last)
+
+    def _committed(self, first: int, last: int) -> None:
+        if not self._feeding or first > last:
+            return
+        own = self._own
+        if own and own[-1][1] + 1 >= first:
+            own[-1] = (own[-1][0], max(own[-1][1], last))
+        else:
+            own.append((first, last))
+
+    def _past_own(self, seq: int) -> int:
+        """Where the feed goes on from, having read up to `seq`: past the ranges of this
+        store's own commits that start right after it (those it has passed are dropped)."""
+        own = self._own
+        while own and own[0][0] <= seq + 1:
+            seq = max(seq, own.pop(0)[1])
+        return seq
 
     async def pending(
         self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
@@ -294,20 +333,38 @@ class SqliteStore:
             row = self._db.execute("SELECT MAX(seq) FROM messages").fetchone()
             return int(row[0] or 0)
 
-        def since(seq: int) -> list[tuple[Any, ...]]:
-            return self._db.execute(
-                f"SELECT seq, {_COLUMNS} FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, FEED_BATCH),
-            ).fetchall()
+        def since(seq: int) -> tuple[int, list[tuple[Any, ...]]]:
+            """Past this store's own rows, the next rows of other writers: up to the next
+            own range, as every row numbered below one of its commits is final. The feed's
+            new position (when no row is returned) and the rows."""
+            while True:
+                seq = self._past_own(seq)
+                below = self._own[0][0] if self._own else 2**63 - 1
+                rows = self._db.execute(
+                    f"SELECT seq, {_COLUMNS} FROM messages WHERE seq > ? AND seq < ?"
+                    " ORDER BY seq LIMIT ?",
+                    (seq, below, FEED_BATCH),
+                ).fetchall()
+                if rows or not self._own:
+                    return seq, rows
+                seq = below - 1
 
-        last = await self._run(newest)
+        def start() -> int:
+            self._own.clear()
+            self._feeding = True
+            return newest()
+
+        last = await self._run(start)
         checkpointer = await self._open_checkpointer()
         task_status.started()
         next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
         try:
             while True:
+                if checkpointer is not None and trio.current_time() >= next_checkpoint:
+                    await _checkpoint(checkpointer)
+                    next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
                 try:
-                    rows = await self._run(partial(since, last))
+                    last, rows = await self._run(partial(since, last))
                 except StoreUnavailable:
                     # Rows are read by sequence number, so whatever is written while the
                     # file cannot be read is picked up once it can.
@@ -317,10 +374,8 @@ class SqliteStore:
                     await send.send(_row(row[1:]))
                 if len(rows) < FEED_BATCH:
                     await trio.sleep(FEED_INTERVAL)
-                if checkpointer is not None and trio.current_time() >= next_checkpoint:
-                    await _checkpoint(checkpointer)
-                    next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
         finally:
+            self._feeding = False
             if checkpointer is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(checkpointer.close)
