@@ -7,7 +7,10 @@ client going away, in one nursery per connection, and cancels it when the client
 The hub cancels it too, when its buffer fills or the instance drains.
 
 Replay and live messages merge here: the stream subscribes to the hub first, then replays
-from the store, then writes what arrived live meanwhile; `SeenWindow` drops repeats.
+from the store page by page, each page together with the live messages already waiting in
+its id range, in id order; then it writes what arrives live. `SeenWindow` drops repeats.
+A page leaves out this instance's sends that were in flight while its query ran
+(`InFlight`): they come live, in id order.
 
 Writes are coalesced: the frames of every message already waiting in the stream's buffer
 (up to `COALESCE_MAX`) go out in one write, so a stream that falls behind catches up in
@@ -21,13 +24,13 @@ import dataclasses
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
 import trio
 
-from sidecar.hub import Hub, Key, Mailbox
+from sidecar.hub import Hub, InFlight, Key, Mailbox
 from sidecar.metrics import Metrics
 from sidecar.protocol import sse
 from sidecar.protocol.delivery import Replay
@@ -149,10 +152,10 @@ class _Stream:
         last_event_id: str | None,
         options: StreamOptions,
         metrics: Metrics,
-        in_flight: Container[str] = frozenset(),
+        in_flight: InFlight | None = None,
     ) -> None:
         self._sink = sink
-        self._in_flight = in_flight
+        self._in_flight = in_flight if in_flight is not None else InFlight()
         self._metrics = metrics
         self._store = store
         self._marker = marker
@@ -167,7 +170,7 @@ class _Stream:
 
     async def run(self, receive: Mailbox) -> None:
         await self._ping()
-        await self._catch_up(ack=True)
+        await self._catch_up(receive, ack=True)
         await self._run_timed(receive)
 
     async def _run_timed(self, receive: Mailbox) -> None:
@@ -188,7 +191,7 @@ class _Stream:
         """`run`, with the hub's pinger waking the wait when a ping is due, instead of a
         deadline (a cancel scope) on every wait (see `Hub.run_pings`)."""
         await self._ping()
-        await self._catch_up(ack=True)
+        await self._catch_up(receive, ack=True)
         while True:
             if receive.ping_due:
                 receive.ping_due = False
@@ -213,7 +216,7 @@ class _Stream:
             if isinstance(item, HistoryLost):
                 await self._write_all(messages)
                 messages = []
-                await self._catch_up(ack=False)
+                await self._catch_up(receive, ack=False)
             elif live(item, self._seen):
                 messages.append(item)
             if len(messages) >= COALESCE_MAX:
@@ -249,7 +252,7 @@ class _Stream:
         if trio.current_time() >= self._next_ping:
             await self._ping()
 
-    async def _catch_up(self, *, ack: bool) -> None:
+    async def _catch_up(self, receive: Mailbox, *, ack: bool) -> None:
         """Acknowledge what the Last-Event-ID covers, then replay in id order, page by page;
         while the store does not answer, keep pinging and try again."""
         delay = RETRY_FIRST
@@ -258,7 +261,7 @@ class _Stream:
                 if ack and self._last_event_id is not None:
                     await self._store.ack_through(*self._key, self._last_event_id)
                     ack = False
-                await self._replay_pages()
+                await self._replay_pages(receive)
                 return
             except StoreUnavailable as exc:
                 log.warning(
@@ -267,16 +270,19 @@ class _Stream:
                 await self._wait(delay)
                 delay = min(delay * 2, RETRY_MAX)
 
-    async def _replay_pages(self) -> None:
+    async def _replay_pages(self, receive: Mailbox) -> None:
         after = None
         while True:
-            page = await self._store.pending(
-                *self._key, self._replay, after=after, limit=self._options.replay_page
-            )
-            fresh = list(replay_order(page, self._seen, self._in_flight))
+            with self._in_flight.during(self._key) as in_flight:
+                page = await self._store.pending(
+                    *self._key, self._replay, after=after, limit=self._options.replay_page
+                )
+            last = len(page) < self._options.replay_page
+            queued = receive.take_messages(None if last else page[-1].id)
+            fresh = list(replay_order(page, self._seen, in_flight, queued))
             for start in range(0, len(fresh), COALESCE_MAX):
                 await self._write_all(fresh[start : start + COALESCE_MAX], shared=False)
-            if len(page) < self._options.replay_page:
+            if last:
                 return
             after = page[-1].id
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from sidecar.hub import CloseReason, Hub, Subscription
+from sidecar.hub import CloseReason, Hub, InFlight, Mailbox, Subscription
 from sidecar.protocol.message import Message
 from sidecar.store.base import FeedItem, HistoryLost
 
@@ -233,8 +233,51 @@ async def test_a_send_in_flight_is_dispatched_by_its_sender_not_by_the_feed() ->
     hub = Hub(8)
     message = Message("0" * 23 + "1", "web", "u", {})
     with hub.subscribe(("web", "u")) as sub:
-        hub.in_flight.add(message.id)
+        hub.in_flight.add([message])
         assert hub.dispatch(message) == 0  # the feed saw the insert first
-        hub.in_flight.discard(message.id)
+        hub.in_flight.discard([message])
         assert hub.dispatch(message) == 1  # its turn, from the send path
         assert sub.receive.receive_nowait() is message
+
+
+def test_in_flight_during_collects_every_send_of_the_key_in_flight_inside_the_block() -> None:
+    in_flight = InFlight()
+    early, during, other, late = (
+        Message(f"{n:024d}", "web", user, {}) for n, user in enumerate("uuvu")
+    )
+    in_flight.add([early])
+    with in_flight.during(("web", "u")) as ids:
+        in_flight.discard([early])  # dispatched while the query runs: still counted
+        in_flight.add([during, other])
+        assert early not in in_flight
+        assert during in in_flight
+    in_flight.add([late])
+    assert ids == {early.id, during.id}
+    in_flight.discard([during, other, late])
+    assert not in_flight
+
+
+def test_in_flight_during_blocks_of_one_key_end_in_any_order() -> None:
+    in_flight = InFlight()
+    first, second = in_flight.during(("web", "u")), in_flight.during(("web", "u"))
+    first_ids, second_ids = first.__enter__(), second.__enter__()
+    assert first_ids == second_ids == set()
+    second.__exit__(None, None, None)
+    message = Message("0" * 24, "web", "u", {})
+    in_flight.add([message])
+    first.__exit__(None, None, None)
+    assert first_ids == {message.id}
+    assert second_ids == set()
+
+
+def test_mailbox_take_messages_leaves_the_rest_in_order() -> None:
+    mailbox = Mailbox(8)
+    items = [Message(f"{n:024d}", "web", "u", {}) for n in (3, 1, 5)]
+    lost = HistoryLost()
+    for item in (items[0], lost, items[1], items[2]):
+        mailbox.send_nowait(item)
+    assert mailbox.take_messages(f"{3:024d}") == [items[0], items[1]]
+    assert [mailbox.receive_nowait(), mailbox.receive_nowait()] == [lost, items[2]]
+    mailbox.send_nowait(items[0])
+    assert mailbox.take_messages(None) == [items[0]]
+    assert len(mailbox) == 0

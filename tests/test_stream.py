@@ -145,6 +145,26 @@ async def test_message_arriving_during_replay_is_written_once_in_order(store: Ho
         assert ids == sorted(ids)
 
 
+async def test_live_message_the_replay_leaves_out_still_comes_before_later_ids(
+    store: HookedStore,
+) -> None:
+    """Another tab's Last-Event-ID acknowledged n=0 (DELIVERED: no replay brings it), while
+    it waits live in this stream's buffer; the replay finds n=1. n=0 goes out first."""
+    hub = Hub(64)
+    first, second = message(0), message(1)
+    await save_all(store, [first, second])
+    await store.mark_sent([first.id])
+    await store.ack_through(*KEY, first.id)
+
+    async def dispatch_the_first(page: list[Message]) -> None:
+        assert page == [dataclasses.replace(second)]
+        assert hub.dispatch(first) == 1
+
+    store.on_pending = dispatch_the_first
+    async with streaming(store, hub) as running:
+        assert await running.sink.wait_for(2) == [first.id, second.id]
+
+
 async def test_first_frame_is_a_ping_and_replay_precedes_live(store: HookedStore) -> None:
     stored = [message(n) for n in range(3)]
     await save_all(store, stored)
@@ -285,4 +305,41 @@ async def test_replay_leaves_a_send_in_flight_to_come_live_in_id_order(
             await running.sink.wait_for(2)
             events = [e for e in running.sink.events if e.event == "message"]
             assert [json.loads(e.data)["n"] for e in events] == [0, 1]
-    assert hub.in_flight == set()
+    assert not hub.in_flight
+
+
+async def test_replay_leaves_out_sends_dispatched_while_its_query_ran(
+    store: HookedStore,
+) -> None:
+    """The replay's query finds n=1 committed and n=0 not yet; both are dispatched before
+    the query returns. Checking only what is in flight when it returns, the replay would
+    write n=1, then n=0 would come live after it."""
+    from sidecar.http.send import store_and_dispatch
+
+    hub = Hub(64)
+    first_saving, release_first = slow_first_save(store)
+
+    async def dispatch_both_before_returning(page: list[Message]) -> None:
+        assert [m.response["n"] for m in page] == [1]
+        release_first.set()
+        while not all(done.is_set() for done in sends_done):
+            await trio.sleep(0.01)
+
+    sends_done = [trio.Event(), trio.Event()]
+
+    async def send(n: int) -> None:
+        await store_and_dispatch(store, hub, [(*KEY, {"n": n})])
+        sends_done[n].set()
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(send, 0)
+        await first_saving.wait()
+        senders.start_soon(send, 1)
+        while not await store.pending(*KEY, Replay(sent=False), after=None, limit=5):
+            await trio.sleep(0.01)
+        store.on_pending = dispatch_both_before_returning
+        async with streaming(store, hub) as running:
+            await running.sink.wait_for(2)
+            await trio.testing.wait_all_tasks_blocked()
+            events = [e for e in running.sink.events if e.event == "message"]
+            assert [json.loads(e.data)["n"] for e in events] == [0, 1]

@@ -105,7 +105,7 @@ class _Saved:
     dispatched: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     def dispatch(self, hub: Hub) -> None:
-        hub.in_flight.difference_update(m.id for m in self.messages)
+        hub.in_flight.discard(self.messages)
         for m in self.messages:
             delivered = hub.dispatch(m)
             if delivered:
@@ -124,7 +124,7 @@ async def store_and_dispatch(
     ticket are taken in one step, with no checkpoint in between."""
     messages = [Message(new_id(), c, r, response) for c, r, response in items]
     ticket = hub.sequencer.take()
-    hub.in_flight.update(m.id for m in messages)
+    hub.in_flight.add(messages)
     batch = _Saved(messages, hub.metrics.clock())
     saved = False
     try:
@@ -132,7 +132,7 @@ async def store_and_dispatch(
         saved = True
     finally:
         if not saved:
-            hub.in_flight.difference_update(m.id for m in messages)
+            hub.in_flight.discard(messages)
         # A failed save still finishes its ticket, so the sends behind it go out.
         for dispatch in hub.sequencer.finish(
             ticket, partial(batch.dispatch, hub) if saved else None

@@ -50,13 +50,21 @@ class SeenWindow:
 
 
 def replay_order(
-    batch: Iterable[Message], seen: SeenWindow, skip: Container[str] = frozenset()
+    batch: Iterable[Message],
+    seen: SeenWindow,
+    skip: Container[str] = frozenset(),
+    queued: Iterable[Message] = (),
 ) -> Iterator[Message]:
-    """The messages of a replay batch to write, in id order, none seen before, none in
-    `skip`: this instance's own sends still in flight, which a replay may find committed
-    ahead of an earlier send still being saved; they come live, in id order, instead."""
-    for message in sorted(batch, key=lambda m: m.id):
-        if message.id not in skip and seen.add(message.id):
+    """The messages to write for a replay batch, in id order, none seen before.
+
+    Leaves out the batch's messages in `skip`: this instance's own sends in flight, which
+    a replay may find committed ahead of an earlier send still being saved; they come live,
+    in id order, instead. Merges in `queued`, live messages already waiting for the stream
+    in the batch's range: one that the user's Last-Event-ID acknowledged is not in the
+    batch, and written after it, it would come after a later id."""
+    kept = [m for m in batch if m.id not in skip]
+    for message in sorted([*kept, *queued], key=lambda m: m.id):
+        if seen.add(message.id):
             yield message
 
 

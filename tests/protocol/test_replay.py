@@ -139,3 +139,11 @@ def test_replay_order_leaves_out_skipped_ids_without_remembering_them() -> None:
     batch = [msg(2), msg(1), msg(3)]
     assert [m.id for m in replay_order(batch, seen, skip={mid(2)})] == [mid(1), mid(3)]
     assert mid(2) not in seen
+
+
+def test_replay_order_merges_queued_live_messages_and_never_skips_them() -> None:
+    """Queued live messages go out in id order with the batch, once each; `skip` applies
+    to the batch only (a queued message was dispatched already: nothing else brings it)."""
+    a, b, c, d = (msg(n) for n in range(1, 5))
+    out = replay_order([b, d], SeenWindow(), skip={d.id, c.id}, queued=[c, a, b])
+    assert [m.id for m in out] == [a.id, b.id, c.id]

@@ -6,9 +6,10 @@ With concurrent send requests, MongoDB commits them out of id order. Were they d
 as they commit, a stream could write a later id before an earlier one, and a tab dropping
 right then would reconnect with a Last-Event-ID above a message it never saw, which another
 tab was already sent: acknowledged, never delivered. The send path dispatches in id order
-(sidecar.protocol.sequencer) and a replay leaves this instance's sends in flight to come
-live. The concurrent test still fails now and then (an expected failure, see its marker): a
-message can reach a reconnected tab after the replay went past a later id.
+(sidecar.protocol.sequencer); a replay leaves out this instance's sends that were in flight
+while its query ran (they come live, in order), and writes each page together with the live
+messages already waiting in its range (one another tab's Last-Event-ID acknowledged is not
+in the page, and must not come after it).
 """
 
 from __future__ import annotations
@@ -86,11 +87,6 @@ async def test_streams_on_mongodb_get_every_message_once(
     await _stress(tmp_path, mongodb_server, database, SIZES)
 
 
-@pytest.mark.xfail(
-    reason="with concurrent senders a message can still reach a reconnected tab after its "
-    "replay went past a later id (2-3 runs in 8 on mongo-java-server); open in issue 5",
-    strict=False,
-)
 @pytest.mark.time_limit(max(60.0, 90.0 * SCALE))
 async def test_concurrent_sends_on_mongodb_reach_reconnecting_tabs(
     tmp_path: Path, mongodb_server: str, database: str
