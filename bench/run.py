@@ -206,6 +206,10 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class WorkerGone(Exception):
+    pass
+
+
 class IdleWorkers:
     """Generator processes holding idle streams (several: each process can hold at most
     its RLIMIT_NOFILE of sockets)."""
@@ -244,7 +248,10 @@ class IdleWorkers:
             )
             if not ready:
                 raise TimeoutError(f"idle streams not open within {timeout:.0f}s")
-            answers.append(json.loads(proc.stdout.readline()))
+            line = proc.stdout.readline()
+            if not line:
+                raise WorkerGone(f"an idle stream worker exited ({proc.wait()})")
+            answers.append(json.loads(line))
         return answers
 
     def close(self) -> None:
@@ -289,23 +296,25 @@ def scenario_idle(servers: list[str], sizes: Sizes, work: Path) -> dict[str, Any
                     cpu0, t0 = cpu_seconds(srv.pid), time.monotonic()
                     try:
                         answers = workers.open(n, timeout=max(60.0, n / 200))
-                    except TimeoutError as exc:
+                    except (TimeoutError, WorkerGone) as exc:
+                        # The sizes measured so far stay in the report.
                         rows.append({"wanted": wanted, "error": str(exc)})
                         break
                     open_s = time.monotonic() - t0
                     time.sleep(0.5)
                     rss, fds = rss_bytes(srv.pid), fd_count(srv.pid)
+                    streams = sum(a["open"] for a in answers)
                     row = {
                         "wanted": wanted,
-                        "streams": sum(a["open"] for a in answers),
+                        "streams": streams,
                         "capped": n < wanted,
                         "open_s": open_s,
                         "server_cpu_s": cpu_seconds(srv.pid) - cpu0,
                         "gen_cpu_s": sum(a["gen_cpu_s"] for a in answers),
                         "rss_mb": rss / 2**20,
-                        "kb_per_stream": (rss - base_rss) / 1024 / max(1, n),
+                        "kb_per_stream": (rss - base_rss) / 1024 / max(1, streams),
                         "server_fds": fds,
-                        "fds_per_stream": (fds - base_fds) / max(1, n),
+                        "fds_per_stream": (fds - base_fds) / max(1, streams),
                         "failed": sum(a["failed"] for a in answers),
                     }
                     rows.append(row)
