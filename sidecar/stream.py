@@ -143,6 +143,22 @@ async def serve_stream(
 
 
 class _Stream:
+    # One per open stream, alive as long as it is: no per-object dict.
+    __slots__ = (
+        "_in_flight",
+        "_key",
+        "_last_event_id",
+        "_marker",
+        "_metrics",
+        "_next_ping",
+        "_options",
+        "_replay",
+        "_seen",
+        "_sink",
+        "_store",
+        "schedule",
+    )
+
     def __init__(
         self,
         sink: Sink,
@@ -175,14 +191,13 @@ class _Stream:
 
     async def _run_timed(self, receive: Mailbox) -> None:
         while True:
-            try:
-                item = receive.receive_nowait()
-            except trio.WouldBlock:
+            item = _take(receive)
+            if item is None:
                 # Only the wait is under the deadline: a write cut in half would corrupt
                 # the stream.
-                with trio.move_on_at(self._next_ping) as waited:
+                with trio.move_on_at(self._next_ping):
                     item = await receive.receive()
-                if waited.cancelled_caught:
+                if item is None:  # the deadline came first
                     await self._ping()
                     continue
             await self._write_from(receive, item)
@@ -201,9 +216,8 @@ class _Stream:
                 # The pinger has stopped: this stream times its own waits from now on.
                 self.schedule = None
                 return await self._run_timed(receive)
-            try:
-                item = receive.receive_nowait()
-            except trio.WouldBlock:
+            item = _take(receive)
+            if item is None:
                 await receive.wait()
                 continue
             await self._write_from(receive, item)
@@ -221,10 +235,10 @@ class _Stream:
                 messages.append(item)
             if len(messages) >= COALESCE_MAX:
                 break
-            try:
-                item = receive.receive_nowait()
-            except trio.WouldBlock:
+            waiting = _take(receive)
+            if waiting is None:
                 break
+            item = waiting
         await self._write_all(messages)
 
     async def _ping(self) -> None:
@@ -293,6 +307,16 @@ class _Stream:
             if trio.current_time() >= deadline:
                 return
             await self._ping()
+
+
+def _take(receive: Mailbox) -> FeedItem | None:
+    """The next item waiting in `receive`, or None. (A stream must not wait inside
+    `except trio.WouldBlock`: the exception and its traceback would stay alive for the
+    whole wait, some 600 bytes per idle stream.)"""
+    try:
+        return receive.receive_nowait()
+    except trio.WouldBlock:
+        return None
 
 
 class _FrameCache:

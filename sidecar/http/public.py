@@ -156,6 +156,8 @@ class PublicApp:
                 "this instance holds as many streams as it may; retry later",
                 retry_after=STREAMS_RETRY_AFTER,
             )
+        # This frame lives as long as the stream: drop what it no longer needs.
+        del query, resolved, raw_last
         # Counted from here, not when the hub registers it: no request slips in between.
         self._open_streams += 1
         try:
@@ -245,6 +247,8 @@ async def _run_watching_disconnect(stream: Awaitable[None], receive: Receive) ->
 
 
 class _AsgiSink:
+    __slots__ = ("_send",)
+
     def __init__(self, send: Send) -> None:
         self._send = send
 
