@@ -21,8 +21,8 @@ LABELS = {
 # The prose of the "Beyond hypercorn" section (what adopting the prototype would cost),
 # put after its generated figures.
 H11_NOTES = Path(__file__).with_name("h11_prototype_notes.md")
-# Written up by hand, kept in every regenerated report: what each optimisation did.
-OPTIMISATION_NOTES = Path(__file__).with_name("optimisation_round1.md")
+# Written up by hand, kept in every regenerated report: what each optimisation round did.
+OPTIMISATION_NOTES = sorted(Path(__file__).parent.glob("optimisation_round*.md"))
 
 
 def _f(value: Any, digits: int = 0, suffix: str = "") -> str:
@@ -303,8 +303,8 @@ def write_report(run: dict[str, Any], path: Path, chart: Path) -> None:
     ratio_lines = _ratios(res)
     if ratio_lines:
         out += ["## Ratios", ""] + [f"- {line}" for line in ratio_lines] + [""]
-    if OPTIMISATION_NOTES.exists():
-        out += [OPTIMISATION_NOTES.read_text().strip(), ""]
+    for notes in OPTIMISATION_NOTES:
+        out += [notes.read_text().strip(), ""]
     if _chart(run, chart):
         out += [f"![throughput and latency across the servers]({chart.name})", ""]
     path.write_text("\n".join(out))
