@@ -289,14 +289,16 @@ class Hub:
             return len(self._streams.get(key, ()))
         return self._count
 
-    def subscribe(self, key: Key) -> _Subscribed:
+    def subscribe(self, key: Key, cancel_scope: trio.CancelScope | None = None) -> _Subscribed:
         """Register a stream for `key` for the duration of the `with` block. When `key`
-        already has `max_per_key` streams, its oldest are closed (REPLACED) to make room."""
-        return _Subscribed(self, key)
+        already has `max_per_key` streams, its oldest are closed (REPLACED) to make room.
+        The hub closes the stream by cancelling `cancel_scope` (a new one when None)."""
+        return _Subscribed(self, key, cancel_scope)
 
-    def _open(self, key: Key) -> Subscription:
+    def _open(self, key: Key, cancel_scope: trio.CancelScope | None) -> Subscription:
         mailbox = Mailbox(self._buffer_size)
-        sub = Subscription(key, mailbox, mailbox)
+        scope = cancel_scope if cancel_scope is not None else trio.CancelScope()
+        sub = Subscription(key, mailbox, mailbox, scope)
         subs = self._streams.setdefault(key, {})
         if self._max_per_key is not None:
             while len(subs) >= self._max_per_key:
@@ -366,15 +368,17 @@ class _Subscribed:
     """`Hub.subscribe`'s context manager (a class: a generator-based one would keep a
     generator frame alive for every open stream)."""
 
-    __slots__ = ("_hub", "_key", "_sub")
+    __slots__ = ("_cancel_scope", "_hub", "_key", "_sub")
 
-    def __init__(self, hub: Hub, key: Key) -> None:
+    def __init__(self, hub: Hub, key: Key, cancel_scope: trio.CancelScope | None) -> None:
         self._hub = hub
         self._key = key
+        self._cancel_scope = cancel_scope
         self._sub: Subscription | None = None
 
     def __enter__(self) -> Subscription:
-        self._sub = self._hub._open(self._key)
+        self._sub = self._hub._open(self._key, self._cancel_scope)
+        self._cancel_scope = None
         return self._sub
 
     def __exit__(

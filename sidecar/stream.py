@@ -124,11 +124,14 @@ async def serve_stream(
     key: Key,
     last_event_id: str | None,
     options: StreamOptions,
+    cancel_scope: trio.CancelScope | None = None,
 ) -> None:
     """Serve one stream until the client goes, the hub closes it, or the caller cancels.
 
-    Returns normally in the first two cases; the caller's cancellation propagates."""
-    with hub.subscribe(key) as sub, sub.cancel_scope:
+    Returns normally in the first two cases, and when `cancel_scope` (the scope the stream
+    runs in, which the hub cancels to close it) is cancelled; the caller's own cancellation
+    propagates."""
+    with hub.subscribe(key, cancel_scope) as sub, sub.cancel_scope:
         stream = _Stream(
             sink, store, marker, key, last_event_id, options, hub.metrics, hub.in_flight
         )

@@ -210,6 +210,28 @@ async def test_hub_close_ends_the_stream(store: HookedStore) -> None:
         assert running.hub.stream_count() == 0
 
 
+async def test_a_stream_given_its_scope_ends_normally_when_the_caller_cancels_it(
+    store: HookedStore,
+) -> None:
+    hub, sink, scope = Hub(64), MemorySink(), trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def serve() -> None:
+            await serve_stream(
+                sink, hub=hub, store=store, marker=SentMarker(store), key=KEY,
+                last_event_id=None, options=options(), cancel_scope=scope,
+            )  # fmt: skip
+            done.set()
+
+        nursery.start_soon(serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.stream_count(KEY) == 1
+        scope.cancel()  # as the stream route does when its client goes
+        await done.wait()
+        assert hub.stream_count(KEY) == 0
+
+
 async def test_sent_marker_flushes_every_queued_mark_on_close(store: HookedStore) -> None:
     messages = [message(n) for n in range(1200)]
     await save_all(store, messages)

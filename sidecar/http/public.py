@@ -156,65 +156,55 @@ class PublicApp:
                 "this instance holds as many streams as it may; retry later",
                 retry_after=STREAMS_RETRY_AFTER,
             )
-        # This frame lives as long as the stream: drop what it no longer needs.
+        # This frame lives as long as the stream (the stream is served inline, not from
+        # another coroutine, for the same reason): drop what it no longer needs.
         del query, resolved, raw_last
         # Counted from here, not when the hub registers it: no request slips in between.
         self._open_streams += 1
         try:
-            await self._serve(connector, scope, receive, send, user_id, last_event_id, set_cookie)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": SSE_HEADERS + set_cookie + self._cors(scope),
+                }
+            )
+            callbacks = disconnect_callbacks(scope)
+            # hypercorn tells us when the client goes (sidecar/http/disconnect.py): no task
+            # has to wait for `http.disconnect`, and the stream's own scope is the one to
+            # cancel.
+            client = _ClientWatch() if callbacks is not None else None
+            stream = serve_stream(
+                # The head is sent: the body can skip RequestIds' wrapper (observe.py).
+                _AsgiSink(send.inner if isinstance(send, SendWithId) else send),
+                hub=self._hub,
+                store=self._store,
+                marker=self._marker,
+                key=(connector.id, user_id),
+                last_event_id=last_event_id,
+                options=self._options,
+                cancel_scope=client.scope if client is not None else None,
+            )
+            if callbacks is not None and client is not None:
+                callbacks.append(client.gone)
+                try:
+                    await stream
+                finally:
+                    callbacks.remove(client.gone)
+                client_gone = client.left
+            else:
+                client_gone = await _run_watching_disconnect(stream, receive)
+            if not client_gone:
+                # The hub closed the stream (slow consumer, shutdown): end the response
+                # cleanly so the browser reconnects.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._open_streams -= 1
 
-    async def _serve(
-        self,
-        connector: Connector,
-        scope: HTTPScope,
-        receive: Receive,
-        send: Send,
-        user_id: str,
-        last_event_id: str | None,
-        set_cookie: list[tuple[bytes, bytes]],
-    ) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": SSE_HEADERS + set_cookie + self._cors(scope),
-            }
-        )
-
-        stream = serve_stream(
-            # The head is sent: the body can skip RequestIds' wrapper (sidecar/http/observe.py).
-            _AsgiSink(send.inner if isinstance(send, SendWithId) else send),
-            hub=self._hub,
-            store=self._store,
-            marker=self._marker,
-            key=(connector.id, user_id),
-            last_event_id=last_event_id,
-            options=self._options,
-        )
-        callbacks = disconnect_callbacks(scope)
-        if callbacks is not None:
-            # hypercorn tells us when the client goes (sidecar/http/disconnect.py): no task
-            # has to wait for `http.disconnect`.
-            client = _ClientWatch()
-            callbacks.append(client.gone)
-            try:
-                with client.scope:
-                    await stream
-            finally:
-                callbacks.remove(client.gone)
-            client_gone = client.left
-        else:
-            client_gone = await _run_watching_disconnect(stream, receive)
-        if not client_gone:
-            # The hub closed the stream (slow consumer, shutdown): end the response cleanly
-            # so the browser reconnects.
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
 
 class _ClientWatch:
-    """Cancels the stream when hypercorn reports its client gone (small: one per stream)."""
+    """Cancels the stream (`scope` is the one it runs in) when hypercorn reports its client
+    gone, and remembers that it did (small: one per stream)."""
 
     __slots__ = ("left", "scope")
 
