@@ -15,9 +15,8 @@ and each save returns once the transaction holding its rows has committed (or ra
 it failed: each save is still all or none, and a return still means durably committed).
 Retention follows Tock's settings: at most `max_count` messages (the oldest go first, as in
 Tock's capped collection; a trigger of this connection deletes them inside the insert) and,
-when set, none older than `ttl_days`. A save of one message is one statement: every
-statement is a round trip for the worker thread through the GIL, and on one core each such
-trip while the trio thread is busy costs a pair of context switches.
+when set, none older than `ttl_days`. A save of one message is one statement (in
+autocommit mode a statement is its own durable transaction).
 
 The feed polls for rows added since it last looked, so several processes may share one
 file. It skips the rows this store committed itself: the instance dispatched those already,
