@@ -10,6 +10,7 @@ import trio
 
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, new_id
+from sidecar.store import sqlite
 from sidecar.store.base import FeedItem, StoreUnavailable
 from sidecar.store.sqlite import SqliteStore
 
@@ -107,6 +108,36 @@ async def test_feed_skips_its_own_saves_but_not_what_others_write_between_them(
                 assert isinstance(item, Message)
                 seen.append(item.id)
             # Had the feed read any of this store's rows, they would come before the last.
+            assert seen == [m.id for m in theirs]
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+        await other.aclose()
+
+
+@pytest.mark.time_limit(60)
+async def test_feed_reads_past_its_own_saves_in_one_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other writers' rows between many of this store's own are read in one poll, not one
+    gap per poll (20 gaps would take 20 s here)."""
+    monkeypatch.setattr(sqlite, "FEED_INTERVAL", 1.0)
+    path = str(tmp_path / "s.db")
+    store, other = await SqliteStore.open(path), await SqliteStore.open(path)
+    send, receive = trio.open_memory_channel[FeedItem](100)
+    theirs = [msg() for _ in range(20)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_feed, send)
+            for message in theirs:
+                await store.save([msg()])
+                await other.save([message])
+            seen = []
+            with trio.fail_after(5):
+                while len(seen) < len(theirs):
+                    item = await receive.receive()
+                    assert isinstance(item, Message)
+                    seen.append(item.id)
             assert seen == [m.id for m in theirs]
             nursery.cancel_scope.cancel()
     finally:

@@ -333,20 +333,25 @@ class SqliteStore:
             return int(row[0] or 0)
 
         def since(seq: int) -> tuple[int, list[tuple[Any, ...]]]:
-            """Past this store's own rows, the next rows of other writers: up to the next
-            own range, as every row numbered below one of its commits is final. The feed's
-            new position (when no row is returned) and the rows."""
-            while True:
+            """Up to FEED_BATCH rows of other writers after `seq`, in order, read gap by gap
+            between this store's own ranges (every row numbered below one of its commits is
+            final); and where the feed goes on from."""
+            rows: list[tuple[Any, ...]] = []
+            while len(rows) < FEED_BATCH:
                 seq = self._past_own(seq)
                 below = self._own[0][0] if self._own else 2**63 - 1
-                rows = self._db.execute(
+                found = self._db.execute(
                     f"SELECT seq, {_COLUMNS} FROM messages WHERE seq > ? AND seq < ?"
                     " ORDER BY seq LIMIT ?",
-                    (seq, below, FEED_BATCH),
+                    (seq, below, FEED_BATCH - len(rows)),
                 ).fetchall()
-                if rows or not self._own:
-                    return seq, rows
-                seq = below - 1
+                rows += found
+                if found:
+                    seq = found[-1][0]
+                if len(rows) == FEED_BATCH or not self._own:
+                    break
+                seq = below - 1  # this gap is read to its end: on past the own range
+            return seq, rows
 
         def start() -> int:
             self._own.clear()
@@ -369,7 +374,6 @@ class SqliteStore:
                     # file cannot be read is picked up once it can.
                     rows = []
                 for row in rows:
-                    last = row[0]
                     await send.send(_row(row[1:]))
                 if len(rows) < FEED_BATCH:
                     await trio.sleep(FEED_INTERVAL)
