@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -85,34 +87,48 @@ async def test_unopenable_file_is_store_unavailable(tmp_path: Path) -> None:
         await SqliteStore.open(str(tmp_path / "missing-dir" / "s.db"))
 
 
-async def test_feed_skips_its_own_saves_but_not_what_others_write_between_them(
+@asynccontextmanager
+async def feeding_store_and_other_writer(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[tuple[SqliteStore, SqliteStore, Callable[[int], Awaitable[list[str]]]]]:
+    """A store whose feed runs, another writer on its file, and a function taking the ids
+    of the next n messages the feed reports."""
     path = str(tmp_path / "s.db")
     store, other = await SqliteStore.open(path), await SqliteStore.open(path)
     send, receive = trio.open_memory_channel[FeedItem](100)
+
+    async def reported(count: int) -> list[str]:
+        ids = []
+        while len(ids) < count:
+            item = await receive.receive()
+            assert isinstance(item, Message)
+            ids.append(item.id)
+        return ids
+
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_feed, send)
-            own = [msg() for _ in range(4)]
-            theirs = [msg() for _ in range(3)]
-            await store.save(own[:1])
-            await other.save(theirs[:1])
-            await store.save(own[1:3])  # one transaction of two rows
-            await other.save(theirs[1:2])
-            await store.save(own[3:])
-            await other.save(theirs[2:])
-            seen = []
-            while len(seen) < len(theirs):
-                item = await receive.receive()
-                assert isinstance(item, Message)
-                seen.append(item.id)
-            # Had the feed read any of this store's rows, they would come before the last.
-            assert seen == [m.id for m in theirs]
+            yield store, other, reported
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()
         await other.aclose()
+
+
+async def test_feed_skips_its_own_saves_but_not_what_others_write_between_them(
+    tmp_path: Path,
+) -> None:
+    async with feeding_store_and_other_writer(tmp_path) as (store, other, reported):
+        own = [msg() for _ in range(4)]
+        theirs = [msg() for _ in range(3)]
+        await store.save(own[:1])
+        await other.save(theirs[:1])
+        await store.save(own[1:3])  # one transaction of two rows
+        await other.save(theirs[1:2])
+        await store.save(own[3:])
+        await other.save(theirs[2:])
+        # Had the feed read any of this store's rows, they would come before the last.
+        assert await reported(len(theirs)) == [m.id for m in theirs]
 
 
 @pytest.mark.time_limit(60)
@@ -122,24 +138,10 @@ async def test_feed_reads_past_its_own_saves_in_one_poll(
     """Other writers' rows between many of this store's own are read in one poll, not one
     gap per poll (20 gaps would take 20 s here)."""
     monkeypatch.setattr(sqlite, "FEED_INTERVAL", 1.0)
-    path = str(tmp_path / "s.db")
-    store, other = await SqliteStore.open(path), await SqliteStore.open(path)
-    send, receive = trio.open_memory_channel[FeedItem](100)
     theirs = [msg() for _ in range(20)]
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_feed, send)
-            for message in theirs:
-                await store.save([msg()])
-                await other.save([message])
-            seen = []
-            with trio.fail_after(5):
-                while len(seen) < len(theirs):
-                    item = await receive.receive()
-                    assert isinstance(item, Message)
-                    seen.append(item.id)
-            assert seen == [m.id for m in theirs]
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.aclose()
-        await other.aclose()
+    async with feeding_store_and_other_writer(tmp_path) as (store, other, reported):
+        for message in theirs:
+            await store.save([msg()])
+            await other.save([message])
+        with trio.fail_after(5):
+            assert await reported(len(theirs)) == [m.id for m in theirs]
