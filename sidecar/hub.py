@@ -125,6 +125,8 @@ class Mailbox:
     def take_messages(self, through: str | None) -> list[Message]:
         """Take out the queued messages with an id up to `through` (all of them when it is
         None); whatever else is queued stays, in order."""
+        if not self._items:
+            return []
         taken: list[Message] = []
         kept: list[FeedItem] = []
         for item in self._items:
