@@ -66,7 +66,7 @@ from sidecar.http.common import (
     preflight_headers,
 )
 from sidecar.http.public import SSE_HEADERS, STREAMS_RETRY_AFTER
-from sidecar.http.send import parse_item, store_and_dispatch
+from sidecar.http.send import parse_batch, parse_item, store_and_dispatch
 from sidecar.hub import CloseReason, Hub
 from sidecar.net import bound_unacknowledged
 from sidecar.protocol.message import normalize_id
@@ -483,17 +483,7 @@ class Prototype:
                 await self._json(conn, 202, result)
             elif method == b"POST" and path == b"/v1/send/batch":
                 payload = await self._json_body(conn, request, self.settings.max_batch_bytes)
-                if not isinstance(payload, list):
-                    raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
-                if len(payload) > self.settings.max_batch_items:
-                    raise ApiError(
-                        413,
-                        "too_many_items",
-                        f"a batch holds at most {self.settings.max_batch_items} items",
-                    )
-                items = [
-                    parse_item(it, self.settings, f"item {i}: ") for i, it in enumerate(payload)
-                ]
+                items = parse_batch(payload, self.settings)
                 results = await store_and_dispatch(self.store, self.hub, items)
                 await self._json(conn, 202, {"results": results})
             elif method == b"GET" and path == b"/healthz":

@@ -95,6 +95,17 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
     return connector_id, recipient_id, response
 
 
+def parse_batch(payload: Any, settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
+    """Validate a batch send request (a JSON array of `parse_item` objects)."""
+    if not isinstance(payload, list):
+        raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
+    if len(payload) > settings.max_batch_items:
+        raise ApiError(
+            413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
+        )
+    return [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
+
+
 @dataclasses.dataclass(eq=False)
 class _Saved:
     """One send's messages, saved, waiting for their turn to be dispatched."""
@@ -183,14 +194,7 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
 
     @app.post("/v1/send/batch")
     async def send_batch() -> Response:
-        payload = await json_body(settings.max_batch_bytes)
-        if not isinstance(payload, list):
-            raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
-        if len(payload) > settings.max_batch_items:
-            raise ApiError(
-                413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
-            )
-        items = [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
+        items = parse_batch(await json_body(settings.max_batch_bytes), settings)
         return json_response({"results": await store_and_dispatch(store, hub, items)}, 202)
 
     @app.get("/metrics")
@@ -292,14 +296,7 @@ class SendApp:
         await _respond(send, status, body)
 
     async def _batch(self, payload: Any) -> list[dict[str, Any]]:
-        settings = self._settings
-        if not isinstance(payload, list):
-            raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
-        if len(payload) > settings.max_batch_items:
-            raise ApiError(
-                413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
-            )
-        items = [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
+        items = parse_batch(payload, self._settings)
         return await store_and_dispatch(self._store, self._hub, items)
 
 
