@@ -122,6 +122,59 @@ async def test_a_save_cancelled_while_queued_writes_nothing(tmp_path: Path) -> N
         await store.aclose()
 
 
+class Gate:
+    """Stands in for `trio.to_thread.run_sync` under the store: each call waits for the
+    gate, then runs in the trio thread, so a test decides when a commit ends."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = trio.Event()
+        self.batches = 0
+        monkeypatch.setattr(trio.to_thread, "run_sync", self._run_sync)
+
+    async def _run_sync(self, fn: Any, *args: Any, **_: Any) -> Any:
+        self.batches += 1
+        await self.open.wait()
+        return fn(*args)
+
+
+async def test_a_save_cancelled_as_it_is_handed_the_next_group_hands_it_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit ends and wakes the first save queued to write the next group, while
+    that save is being cancelled: the next save queued must still be written. trio runs the
+    two in a random order, so the race is set up many times."""
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    gate = Gate(monkeypatch)
+    written: list[str] = []
+
+    async def cancelled_save(scope: trio.CancelScope) -> None:
+        with scope:
+            await store.save([msg()])
+
+    async def save(done: trio.Event) -> None:
+        message = msg()
+        await store.save([message])
+        written.append(message.id)
+        done.set()
+
+    for _ in range(20):
+        gate.open = trio.Event()
+        cancelled, last = trio.CancelScope(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(save, trio.Event())  # the running commit, held at the gate
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(cancelled_save, cancelled)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(save, last)
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled.cancel()
+            gate.open.set()
+            with trio.fail_after(5):
+                await last.wait()
+    assert await stored_ids(store) == written
+    await store.aclose()
+
+
 # --- mailbox -------------------------------------------------------------------------------
 
 

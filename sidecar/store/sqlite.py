@@ -185,6 +185,8 @@ class SqliteStore:
             except BaseException:
                 if not entry.taken:  # still queued: leave, nothing of it is written
                     self._saves.remove(entry)
+                    if entry.wake.is_set():  # it was to write the next group: hand that on
+                        self._hand_on()
                 raise
         if not entry.done:
             await self._commit_queued()
@@ -208,10 +210,14 @@ class SqliteStore:
             for entry in group:
                 entry.done = True
                 entry.wake.set()
-            if self._saves:
-                self._saves[0].wake.set()  # it writes the next group
-            else:
-                self._writing = False
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """The running group commit is over: the first save queued writes the next one."""
+        if self._saves:
+            self._saves[0].wake.set()
+        else:
+            self._writing = False
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         db = self._db
