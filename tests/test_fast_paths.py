@@ -1,4 +1,4 @@
-"""The first optimisation round's mechanisms, each on its own: SQLite group commit, the
+"""The optimisation rounds' mechanisms, each on its own: SQLite batches and group commit, the
 stream mailbox, the hub's pinger, the send route's fast path next to Quart's answers."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ async def stored_ids(store: SqliteStore) -> list[str]:
     return [m.id for m in page]
 
 
-# --- group commit ------------------------------------------------------------------------
+# --- batches and group commit ------------------------------------------------------------
 
 
 async def test_concurrent_saves_share_transactions_and_all_commit(tmp_path: Path) -> None:
@@ -123,8 +123,8 @@ async def test_a_save_cancelled_while_queued_writes_nothing(tmp_path: Path) -> N
 
 
 class Gate:
-    """Stands in for `trio.to_thread.run_sync` under the store: each call waits for the
-    gate, then runs in the trio thread, so a test decides when a commit ends."""
+    """Stands in for `trio.to_thread.run_sync` under the store: each batch waits for the
+    gate, then runs in the trio thread, so a test decides when a batch ends."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.open = trio.Event()
@@ -135,6 +135,44 @@ class Gate:
         self.batches += 1
         await self.open.wait()
         return fn(*args)
+
+
+async def test_calls_queued_while_a_batch_runs_share_the_next_in_call_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    gate = Gate(monkeypatch)
+    one, two, three = msg(1), msg(2), msg(3)
+    results: dict[str, object] = {}
+
+    async def call(name: str, fn: Any) -> None:
+        try:
+            results[name] = await fn()
+        except StoreUnavailable as exc:
+            results[name] = exc
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.save, [one])  # runs the first batch, held at the gate
+        await trio.testing.wait_all_tasks_blocked()
+        for name, fn in [
+            ("save two", lambda: store.save([two])),
+            ("pending", lambda: stored_ids(store)),
+            ("broken", lambda: store._run(broken)),
+            ("save three", lambda: store.save([three])),
+            ("get three", lambda: store.get(three.id)),
+        ]:
+            nursery.start_soon(call, name, fn)
+            await trio.testing.wait_all_tasks_blocked()
+        gate.open.set()
+    assert gate.batches == 2
+    assert results["pending"] == [one.id, two.id]  # saw the save queued before it only
+    assert isinstance(results["broken"], StoreUnavailable)  # failed alone
+    assert results["save three"] is None
+    assert results["get three"] == three
+    await store.aclose()
 
 
 async def test_a_save_cancelled_as_it_is_handed_the_next_group_hands_it_on(

@@ -1,18 +1,21 @@
 """The embedded store: one SQLite file, stdlib only.
 
-One connection serves the whole instance; every call runs in a trio worker thread, one at a
-time (a CapacityLimiter of 1), so the trio loop never waits on SQLite. WAL mode with
+One connection serves the whole instance, and the trio loop never waits on SQLite: calls
+run in batches, one batch at a time, each in one trio worker thread. A call made while no
+batch runs starts one; calls made while one runs queue, and the next batch runs every call
+queued by then, in the order they were made (under load, one worker-thread hop serves many
+calls: the hop, not the statement, is what a call costs here). WAL mode with
 synchronous=FULL makes a committed save survive a crash of the process or the machine.
 
 While the feed runs it also checkpoints the WAL every `CHECKPOINT_INTERVAL`, on a second
-connection and outside the one-at-a-time limiter (a PASSIVE checkpoint does not block
-writers), so no save waits behind a checkpoint.
+connection and outside the batches (a PASSIVE checkpoint does not block writers), so no
+save waits behind a checkpoint.
 
-Concurrent saves are committed together (group commit): a save that finds another one
-being written queues its rows; when that write is done, the longest-waiting queued save
-writes every queued save's rows in one transaction, one worker-thread hop and one fsync,
-and each save returns once the transaction holding its rows has committed (or raises if
-it failed: each save is still all or none, and a return still means durably committed).
+Consecutive saves in a batch are committed together (group commit): one transaction and
+one fsync for all their rows; each save returns once the transaction holding its rows has
+committed, or raises if it failed (each save is still all or none, and a return still
+means durably committed). Any other call fails alone.
+
 Retention follows Tock's settings: at most `max_count` messages (the oldest go first, as in
 Tock's capped collection; a trigger of this connection deletes them inside the insert) and,
 when set, none older than `ttl_days`. A save of one message is one statement (in
@@ -21,8 +24,8 @@ autocommit mode a statement is its own durable transaction).
 The feed polls for rows added since it last looked, so several processes may share one
 file. It skips the rows this store committed itself: the instance dispatched those already,
 and reading them back would cost a JSON parse each. Their sequence numbers are recorded in
-the commit's own worker-thread call and read in the feed's, both under the limiter, so the
-feed never sees a row of this store's before its range is recorded.
+the commit's own batch and read in the feed's (batches run one at a time), so the feed
+never sees a row of this store's before its range is recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -100,13 +103,16 @@ def _row(row: tuple[Any, ...]) -> Message:
 
 
 @dataclasses.dataclass(eq=False, slots=True)
-class _Save:
-    """One `save` call's rows, queued for the next group commit."""
+class _Call:
+    """One store call queued for the next batch: a function to run in the worker thread,
+    or a save's rows (`fn` is None)."""
 
-    rows: list[tuple[Any, ...]]
+    fn: Callable[[], Any] | None
+    rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     wake: trio.Event = dataclasses.field(default_factory=trio.Event)
-    taken: bool = False  # in a transaction (running or done): no longer cancellable
+    taken: bool = False  # in a batch (running or done): no longer cancellable
     done: bool = False
+    result: Any = None
     error: BaseException | None = None
 
 
@@ -114,13 +120,11 @@ class SqliteStore:
     def __init__(self, connection: sqlite3.Connection, ttl_days: float | None):
         self._db = connection
         self._ttl_seconds = ttl_days * 86400 if ttl_days else None
-        self._limiter = trio.CapacityLimiter(1)
         self._next_ttl_prune = 0.0
-        self._saves: list[_Save] = []  # queued for the next group commit, in call order
-        self._writing = False  # a group commit is running; the next one waits for it
+        self._queued: list[_Call] = []  # for the next batch, in call order
+        self._running = False  # a batch is running; the next one waits for it
         # While the feed runs: the seq ranges (first, last) this store committed and the
-        # feed has not passed yet, in order, adjacent ones merged. Only touched in worker
-        # threads under the limiter.
+        # feed has not passed yet, in order, adjacent ones merged. Only touched in batches.
         self._feeding = False
         self._own: list[tuple[int, int]] = []
 
@@ -152,16 +156,8 @@ class SqliteStore:
         return cls(connection, ttl_days)
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        def guarded() -> T:
-            try:
-                return fn()
-            except sqlite3.Error as exc:
-                with suppress(sqlite3.Error):  # the connection itself may be what failed
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                raise StoreUnavailable(f"SQLite: {exc}") from exc
-
-        return await trio.to_thread.run_sync(guarded, limiter=self._limiter)
+        call = await self._call(_Call(fn))
+        return cast(T, call.result)
 
     async def save(self, messages: Sequence[Message]) -> None:
         rows = [
@@ -175,49 +171,84 @@ class SqliteStore:
             )
             for m in messages
         ]
+        await self._call(_Call(None, rows))
 
-        entry = _Save(rows)
-        self._saves.append(entry)
-        if self._writing:
+    async def _call(self, call: _Call) -> _Call:
+        """Queue `call`; run its batch (or wait for the batch that ran it); raise its error."""
+        self._queued.append(call)
+        if self._running:
             try:
-                # Woken when a commit holding these rows is done, or to write it.
-                await entry.wake.wait()
+                # Woken when a batch holding this call is done, or to run the next one.
+                await call.wake.wait()
             except BaseException:
-                if not entry.taken:  # still queued: leave, nothing of it is written
-                    self._saves.remove(entry)
-                    if entry.wake.is_set():  # it was to write the next group: hand that on
+                if not call.taken:  # still queued: leave, nothing of it has run
+                    self._queued.remove(call)
+                    if call.wake.is_set():  # it was to run the next batch: hand that on
                         self._hand_on()
                 raise
-        if not entry.done:
-            await self._commit_queued()
-        if entry.error is not None:
-            raise entry.error
+        if not call.done:
+            await self._run_queued()
+        if call.error is not None:
+            raise call.error
+        return call
 
-    async def _commit_queued(self) -> None:
-        """Write every queued save in one transaction, wake their callers, then hand the
-        next group to the first save queued meanwhile. Shielded: a cancelled caller must
-        neither leave the others' rows unwritten nor leave the queue without a writer."""
-        self._writing = True
+    async def _run_queued(self) -> None:
+        """Run every queued call in one batch, wake their callers, then hand the next batch
+        to the first call queued meanwhile. Shielded: a cancelled caller must neither leave
+        the others' calls unrun nor leave the queue with nobody to run it."""
+        self._running = True
         with trio.CancelScope(shield=True):
-            group, self._saves = self._saves, []
-            for entry in group:
-                entry.taken = True
+            batch, self._queued = self._queued, []
+            for call in batch:
+                call.taken = True
             try:
-                await self._run(partial(self._insert, [row for e in group for row in e.rows]))
-            except Exception as exc:
-                for entry in group:
-                    entry.error = exc
-            for entry in group:
-                entry.done = True
-                entry.wake.set()
+                await trio.to_thread.run_sync(self._execute, batch)
+            except BaseException as exc:  # the batch did not run to its end
+                for call in batch:
+                    if not call.done:
+                        call.error = exc
+            for call in batch:
+                call.done = True
+                call.wake.set()
             self._hand_on()
 
     def _hand_on(self) -> None:
-        """The running group commit is over: the first save queued writes the next one."""
-        if self._saves:
-            self._saves[0].wake.set()
+        """The running batch is over: the first call queued runs the next one."""
+        if self._queued:
+            self._queued[0].wake.set()
         else:
-            self._writing = False
+            self._running = False
+
+    def _execute(self, batch: list[_Call]) -> None:
+        """A batch, in the worker thread: each call in order, each run of consecutive saves
+        as one transaction. A failure is the failing call's (or its transaction's) alone."""
+        first = 0
+        while first < len(batch):
+            call, end = batch[first], first + 1
+            fn = call.fn
+            if fn is None:
+                while end < len(batch) and batch[end].fn is None:
+                    end += 1
+                fn = partial(self._insert, [row for c in batch[first:end] for row in c.rows])
+            try:
+                result = self._guarded(fn)
+            except Exception as exc:
+                for c in batch[first:end]:
+                    c.error = exc
+            else:
+                call.result = result
+            for c in batch[first:end]:
+                c.done = True
+            first = end
+
+    def _guarded(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):  # the connection itself may be what failed
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         db = self._db
