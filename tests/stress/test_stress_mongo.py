@@ -82,14 +82,14 @@ async def _stress(tmp_path: Path, uri: str, database: str, sizes: Sizes) -> None
     print(f"\nstress mongo: {summary}")
 
 
-@pytest.mark.time_limit(max(60.0, 90.0 * SCALE))
+@pytest.mark.time_limit(max(60.0, 180.0 * SCALE))  # two runs
 async def test_streams_on_mongodb_get_every_message_once(
     tmp_path: Path, mongodb_server: str, database: str
 ) -> None:
     await _stress(tmp_path, mongodb_server, database, SIZES)
 
 
-@pytest.mark.time_limit(max(60.0, 90.0 * SCALE))
+@pytest.mark.time_limit(max(60.0, 180.0 * SCALE))  # two runs
 async def test_concurrent_sends_on_mongodb_reach_reconnecting_tabs(
     tmp_path: Path, mongodb_server: str, database: str
 ) -> None:
