@@ -175,6 +175,43 @@ async def test_calls_queued_while_a_batch_runs_share_the_next_in_call_order(
     await store.aclose()
 
 
+async def test_a_batch_that_gets_no_thread_fails_its_calls_and_the_queue_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    gate = Gate(monkeypatch)
+    outcomes: dict[str, str] = {}
+
+    async def save(name: str, m: Message) -> None:
+        try:
+            await store.save([m])
+        except StoreUnavailable:
+            outcomes[name] = "unavailable"
+        except RuntimeError:
+            outcomes[name] = "no thread"
+        else:
+            outcomes[name] = "saved"
+
+    async def no_thread(*_: Any, **__: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    first, last = msg(1), msg(4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(save, "first", first)  # runs a batch, held at the gate
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(save, "second", msg(2))  # runs the next batch...
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(save, "third", msg(3))  # ...with this one in it
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+        gate.open.set()
+    assert outcomes == {"first": "saved", "second": "no thread", "third": "unavailable"}
+    monkeypatch.undo()
+    await store.save([last])  # the queue still has a runner
+    assert await stored_ids(store) == [first.id, last.id]
+    await store.aclose()
+
+
 async def test_a_save_cancelled_as_it_is_handed_the_next_group_hands_it_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

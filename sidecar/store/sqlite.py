@@ -203,14 +203,13 @@ class SqliteStore:
                 call.taken = True
             try:
                 await trio.to_thread.run_sync(self._execute, batch)
-            except BaseException as exc:  # the batch did not run to its end
+            finally:
                 for call in batch:
-                    if not call.done:
-                        call.error = exc
-            for call in batch:
-                call.done = True
-                call.wake.set()
-            self._hand_on()
+                    if not call.done:  # the batch broke off before it (no worker thread)
+                        call.error = StoreUnavailable("SQLite: the call did not run")
+                        call.done = True
+                    call.wake.set()
+                self._hand_on()
 
     def _hand_on(self) -> None:
         """The running batch is over: the first call queued runs the next one."""
