@@ -95,7 +95,7 @@ async def exercise(
     sizes: Sizes,
     rng: random.Random,
     save_foreign: SaveForeign,
-    user_prefix: str = "u",
+    user_prefix: str,
 ) -> Outcome:
     """Run the scenario in one nursery, cancel it, and check what every tab received."""
     hub = sidecar.running.hub
