@@ -212,6 +212,48 @@ async def test_a_batch_that_gets_no_thread_fails_its_calls_and_the_queue_goes_on
     await store.aclose()
 
 
+async def test_a_save_cancelled_once_its_batch_runs_returns_as_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save whose batch (run by another caller) is already writing it cannot be taken
+    back, so cancelling it must not make it look failed: the send API would then dispatch
+    nothing for a message that is stored."""
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    gate = Gate(monkeypatch)
+    first, runner, taken = msg(1), msg(2), msg(3)
+    outcome: list[str] = []
+
+    async def cancelled_save(scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await store.save([taken])
+            except trio.Cancelled:
+                outcome.append("cancelled")
+                raise
+            outcome.append("saved")
+
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.save, [first])  # the first batch, held at the gate
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(store.save, [runner])  # will run the second batch...
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(cancelled_save, scope)  # ...with this save in it
+        await trio.testing.wait_all_tasks_blocked()
+        first_gate, gate.open = gate.open, trio.Event()
+        first_gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.batches == 2  # the second batch has taken the save and is writing
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        while_writing = list(outcome)
+        gate.open.set()
+    assert while_writing == []  # it waited for its batch
+    assert outcome == ["saved"]
+    assert await stored_ids(store) == [first.id, runner.id, taken.id]
+    await store.aclose()
+
+
 async def test_a_save_cancelled_as_it_is_handed_the_next_group_hands_it_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

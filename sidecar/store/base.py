@@ -34,7 +34,9 @@ FeedItem = Message | HistoryLost
 class Store(Protocol):
     async def save(self, messages: Sequence[Message]) -> None:
         """Store `messages` durably, all or none, before returning. Saving an id that is
-        already stored is not an error and changes nothing (a retried save succeeds)."""
+        already stored is not an error and changes nothing (a retried save succeeds).
+        Cancelled, it either stores nothing and raises, or returns once they are stored:
+        the send API dispatches what a save that returned stored."""
 
     async def pending(
         self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int

@@ -110,7 +110,7 @@ class _Call:
     fn: Callable[[], Any] | None
     rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     wake: trio.Event = dataclasses.field(default_factory=trio.Event)
-    taken: bool = False  # in a batch (running or done): no longer cancellable
+    taken: bool = False  # in a batch (running or done): its caller waits for the outcome
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -180,12 +180,19 @@ class SqliteStore:
             try:
                 # Woken when a batch holding this call is done, or to run the next one.
                 await call.wake.wait()
-            except BaseException:
+            except BaseException as exc:
                 if not call.taken:  # still queued: leave, nothing of it has run
                     self._queued.remove(call)
                     if call.wake.is_set():  # it was to run the next batch: hand that on
                         self._hand_on()
-                raise
+                    raise
+                if not isinstance(exc, trio.Cancelled):
+                    raise
+                # Its batch is running and will commit it: the caller gets the outcome, as
+                # a save that runs its own (shielded) batch does. A save must not look
+                # failed once it is stored. The cancellation comes at the next checkpoint.
+                with trio.CancelScope(shield=True):
+                    await call.wake.wait()
         if not call.done:
             await self._run_queued()
         if call.error is not None:
