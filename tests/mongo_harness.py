@@ -58,6 +58,9 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from bson import Binary, ObjectId, Regex
 
 SERVER_DIR = Path(__file__).resolve().parent / "mongo_server"
 BUILD_SCRIPT = SERVER_DIR / "build.sh"
@@ -470,3 +473,17 @@ def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     with contextlib.suppress(OSError):
         sock.close()
+
+
+def not_messages(recipient: str) -> list[dict[str, Any]]:
+    """Documents of `recipient` that are not messages a browser could parse."""
+    fields = {"appId": "web", "recipientId": recipient, "status": 0}
+    responses: list[Any] = [
+        "not a document",
+        {"blob": Binary(b"\x00\x01")},
+        {"pattern": Regex("^a")},
+        {"n": float("nan")},
+    ]
+    return [{"_id": ObjectId(), **fields, "webConnectorResponse": r} for r in responses] + [
+        {"_id": ObjectId(), **fields}  # no response at all
+    ]

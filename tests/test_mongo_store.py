@@ -27,7 +27,7 @@ from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, State, new_id
 from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
 from sidecar.store.mongo import COLLECTION, MongoStore
-from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port
+from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port, not_messages
 
 RawClient = pymongo.MongoClient[dict[str, Any]]
 
@@ -178,6 +178,26 @@ async def test_tock_written_document_comes_out_of_feed_and_pending(
         [pending] = await store.pending("web", "alice", Replay(sent=False), after=None, limit=10)
         assert pending == fed
         assert await store.get(str(oid)) == fed
+
+
+async def test_documents_that_are_not_messages_are_skipped_and_pages_fill_past_them(
+    mongo_uri: str, db_name: str, raw: RawClient
+) -> None:
+    fields = {"appId": "web", "recipientId": "bob", "status": 0}
+    first = {"_id": ObjectId(), **fields, "webConnectorResponse": {"n": 0}}
+    skipped = not_messages("bob")
+    later = [{"_id": ObjectId(), **fields, "webConnectorResponse": {"n": n}} for n in (1, 2)]
+    ids = [str(d["_id"]) for d in (first, *later)]
+    async with opened(mongo_uri, db_name) as store:
+        coll = raw[db_name][COLLECTION]
+        await trio.to_thread.run_sync(coll.insert_many, [first, *skipped, *later])
+        page = await store.pending("web", "bob", Replay(sent=False), after=None, limit=2)
+        assert [m.id for m in page] == ids[:2]  # a full page: there may be more
+        assert [m.response for m in page] == [{"n": 0}, {"n": 1}]
+        rest = await store.pending("web", "bob", Replay(sent=False), after=ids[1], limit=2)
+        assert [m.id for m in rest] == ids[2:]
+        for doc in skipped:
+            assert await store.get(str(doc["_id"])) is None
 
 
 async def test_saved_document_has_tocks_fields_and_types(

@@ -21,7 +21,7 @@ import trio
 from bson import ObjectId
 
 from sidecar.protocol import sse
-from tests.mongo_harness import MongoJavaServer
+from tests.mongo_harness import MongoJavaServer, not_messages
 from tests.sidecar_harness import SidecarProcess, SseClient, spawn_sidecar
 
 NOTHING_SEEN = "0" * 24
@@ -36,8 +36,11 @@ def db_name(mongodb_server: str) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def instances(uri: str, db: str, count: int) -> AsyncIterator[list[SidecarProcess]]:
+async def instances(
+    uri: str, db: str, count: int, **settings: str
+) -> AsyncIterator[list[SidecarProcess]]:
     env = {"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": db, "SIDECAR_KEEPALIVE_SECONDS": "1"}
+    env |= settings
     async with AsyncExitStack() as stack:
         # The first creates the collection; the others then find it.
         first = await stack.enter_async_context(spawn_sidecar(env))
@@ -157,6 +160,42 @@ async def test_a_document_written_by_tock_is_delivered_and_replayed(
                 event = await later.next_message()
                 assert event.id == str(offline["_id"])
                 assert json.loads(event.data) == expected
+    finally:
+        raw.close()
+
+
+@pytest.mark.time_limit(60)
+async def test_documents_that_are_not_messages_break_no_stream(
+    mongodb_server: str, db_name: str
+) -> None:
+    """Another writer's documents a browser could not parse are skipped, live and in a
+    replay, and the replay goes on past them to its last page."""
+    raw: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongodb_server, tz_aware=True)
+    collection = raw[db_name]["web_channel_event"]
+
+    def message(recipient: str, n: int) -> dict[str, Any]:
+        return {"_id": ObjectId(), "appId": "web", "recipientId": recipient, "status": 0,
+                "webConnectorResponse": {"n": n}}  # fmt: skip
+
+    try:
+        async with (
+            instances(mongodb_server, db_name, 1, SIDECAR_REPLAY_PAGE="2") as (sidecar,),
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            async with stream(client, sidecar, "carol") as live:
+                good = message("carol", 1)
+                await trio.to_thread.run_sync(
+                    collection.insert_many, [*not_messages("carol"), good]
+                )
+                assert (await live.next_message()).id == str(good["_id"])
+
+            first = message("dave", 0)
+            skipped = not_messages("dave")
+            later = [message("dave", n) for n in (1, 2)]
+            await trio.to_thread.run_sync(collection.insert_many, [first, *skipped, *later])
+            async with stream(client, sidecar, "dave") as replayed:
+                got = [(await replayed.next_message()).id for _ in range(3)]
+            assert got == [str(d["_id"]) for d in (first, *later)]
     finally:
         raw.close()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -118,7 +119,11 @@ def _utc(value: datetime.datetime) -> datetime.datetime:
 
 
 def _jsonable(value: Any) -> Any:
-    """BSON values as JSON-able Python: ObjectId -> hex, date -> ISO-8601 (UTC, ms)."""
+    """BSON values as JSON-able Python: ObjectId -> hex, date -> ISO-8601 (UTC, ms).
+    TypeError or ValueError for a value JSON has nothing for (binary data, a regular
+    expression, code, NaN...): a browser could not parse the message."""
+    if isinstance(value, str | bool | None):
+        return value
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -129,9 +134,13 @@ def _jsonable(value: Any) -> Any:
         return _utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if isinstance(value, Decimal128):
         return str(value)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int):
         return int(value)  # Int64 -> int
-    return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not JSON")
+        return value
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _document(message: Message) -> Document:
@@ -340,10 +349,20 @@ class MongoStore:
             ]
         if after is not None:
             query["_id"] = {"$gt": _oid(after)}
-        docs = await self._run(
-            lambda: list(self._collection.find(query).sort("_id", ASCENDING).limit(limit))
-        )
-        return _messages(docs)
+
+        # Documents that are not messages are skipped, and the page is filled past them:
+        # fewer than `limit` must mean there are no more.
+        def find(count: int) -> list[Document]:
+            return list(self._collection.find(query).sort("_id", ASCENDING).limit(count))
+
+        messages: list[Message] = []
+        while True:
+            wanted = limit - len(messages)
+            docs = await self._run(functools.partial(find, wanted))
+            messages += _messages(docs)
+            if len(docs) < wanted or len(messages) == limit:
+                return messages
+            query["_id"] = {"$gt": docs[-1]["_id"]}
 
     async def _set_status(self, query: Document, status: State) -> int:
         # The only write besides inserts: `status` alone, and only upwards (callers filter
