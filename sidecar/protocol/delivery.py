@@ -1,8 +1,9 @@
-"""Delivery rules: which state changes are allowed, what an ack touches, what a connect replays.
+"""Delivery rules: what an ack touches, what a connect replays.
 
-The states only move forward, ENQUEUED -> SENT -> DELIVERED (SENT may be skipped). Stores
-turn these rules into queries; `Replay.selects` and `acked_by_last_event_id` are the
-reference that the store conformance tests hold every store to.
+The states only move forward, ENQUEUED -> SENT -> DELIVERED (SENT may be skipped): every
+store update filters on a lower current state. Stores turn these rules into queries;
+`Replay.selects` and `acked_by_last_event_id` are the reference that the store conformance
+tests hold every store to.
 """
 
 from __future__ import annotations
@@ -10,11 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 from sidecar.protocol.message import State
-
-
-def advances(current: State, new: State) -> bool:
-    """True when a message in state `current` may move to `new`."""
-    return new > current
 
 
 def acked_by_last_event_id(state: State, message_id: str, last_event_id: str) -> bool:

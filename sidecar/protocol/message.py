@@ -56,16 +56,6 @@ def normalize_id(value: str) -> str | None:
     return lowered if is_message_id(lowered) else None
 
 
-def id_time(message_id: str) -> int:
-    """Seconds since the epoch encoded in an id."""
-    return int(message_id[:8], 16)
-
-
-def min_id_at(seconds: int) -> str:
-    """The smallest id a generator could produce at `seconds` since the epoch."""
-    return f"{seconds:08x}" + "0" * 16
-
-
 class IdGenerator:
     """Makes ObjectIds that strictly increase for the life of the process.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.protocol.delivery import Replay, acked_by_last_event_id, advances
+from sidecar.protocol.delivery import Replay, acked_by_last_event_id
 from sidecar.protocol.message import State
 
 E, S, D = State.ENQUEUED, State.SENT, State.DELIVERED
@@ -18,28 +18,6 @@ IDS = {"before": BEFORE, "equal": MARK, "after": AFTER}
 def test_states_are_ordered_small_integers() -> None:
     assert [int(s) for s in (E, S, D)] == [0, 1, 2]
     assert set(State) == {E, S, D}
-
-
-ADVANCES = [
-    (E, E, False),
-    (E, S, True),
-    (E, D, True),
-    (S, E, False),
-    (S, S, False),
-    (S, D, True),
-    (D, E, False),
-    (D, S, False),
-    (D, D, False),
-]
-
-
-def test_advances_table_covers_every_pair() -> None:
-    assert {(c, n) for c, n, _ in ADVANCES} == {(c, n) for c in State for n in State}
-
-
-@pytest.mark.parametrize(("current", "new", "allowed"), ADVANCES)
-def test_advances(current: State, new: State, allowed: bool) -> None:
-    assert advances(current, new) is allowed
 
 
 @pytest.mark.parametrize(
