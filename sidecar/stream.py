@@ -2,9 +2,10 @@
 
 `serve_stream` writes frames to a `Sink` it is given: the first ping, then the replay,
 then live messages and a ping every keepalive interval. It is one task, so writes never
-interleave and need no lock; the HTTP adapter runs it next to a task that watches for the
-client going away, in one nursery per connection, and cancels it when the client leaves.
-The hub cancels it too, when its buffer fills or the instance drains.
+interleave and need no lock. The HTTP adapter cancels it when the client leaves (under
+hypercorn, from the server's disconnect callback; elsewhere, from a task next to it that
+waits for the client's disconnect event). The hub cancels it too, when its buffer fills or
+the instance drains.
 
 Replay and live messages merge here: the stream subscribes to the hub first, then replays
 from the store page by page, each page together with the live messages already waiting in
