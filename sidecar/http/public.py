@@ -8,7 +8,7 @@ disconnect.py), elsewhere a task next to it in one nursery per connection waits 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
@@ -70,8 +70,8 @@ class PublicApp:
             replay_page=settings.replay_page,
         )
         self._policies = {c.id: identity.policy_for(settings, c) for c in settings.connectors}
-        self._credential_paths = _credential_paths(settings, self._policies)
-        self._quart = _quart_app(settings, store)
+        self._credentials = _credentials(settings, self._policies)
+        self._quart = _quart_app(settings, store, self._policies, self._credentials)
         if settings.demo:
             install_demo_routes(self._quart, settings, hub, store)
 
@@ -90,7 +90,7 @@ class PublicApp:
 
     def _cors(self, scope: HTTPScope) -> list[tuple[bytes, bytes]]:
         origin = _header(scope, b"origin")
-        credentials = self._settings.cors_credentials or scope["path"] in self._credential_paths
+        credentials = self._credentials(scope["path"])
         return [
             (name.lower().encode(), value.encode())
             for name, value in cors_headers(origin, self._settings.cors_pattern, credentials)
@@ -101,7 +101,7 @@ class PublicApp:
             _header(scope, b"origin"),
             _header(scope, b"access-control-request-headers"),
             self._settings.cors_pattern,
-            self._settings.cors_credentials or scope["path"] in self._credential_paths,
+            self._credentials(scope["path"]),
         )
         encoded = [(n.lower().encode(), v.encode()) for n, v in headers]
         await _respond(send, 204, encoded, b"")
@@ -270,30 +270,34 @@ def _request_view(scope: WWWScope) -> identity.RequestView:
     )
 
 
-def _credential_paths(settings: Settings, policies: dict[str, identity.Policy]) -> set[str]:
-    """Paths of connectors whose identity is a cookie: CORS must allow credentials there."""
-    return {
+def _credentials(settings: Settings, policies: dict[str, identity.Policy]) -> Callable[[str], bool]:
+    """Whether CORS answers for a path allow credentials: everywhere with
+    `cors_credentials`, else on the paths of connectors whose identity is a cookie."""
+    paths = {
         path
         for c in settings.connectors
         if policies[c.id].needs_credentials
         for path in (c.stream_path, c.ack_path)
     }
+    return lambda path: settings.cors_credentials or path in paths
 
 
-def _quart_app(settings: Settings, store: Store) -> QuartTrio:
+def _quart_app(
+    settings: Settings,
+    store: Store,
+    policies: dict[str, identity.Policy],
+    credentials: Callable[[str], bool],
+) -> QuartTrio:
     app = QuartTrio("sidecar.public")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_ack_bytes
     install_error_handlers(app)
     install_health_routes(app, store)
     client_js = resources.files("sidecar").joinpath("static/sidecar-sse.js").read_bytes()
-    policies = {c.id: identity.policy_for(settings, c) for c in settings.connectors}
-    credential_paths = _credential_paths(settings, policies)
 
     @app.after_request
     async def add_cors(response: Response) -> Response:
-        credentials = settings.cors_credentials or request.path in credential_paths
         for name, value in cors_headers(
-            request.headers.get("Origin"), settings.cors_pattern, credentials
+            request.headers.get("Origin"), settings.cors_pattern, credentials(request.path)
         ):
             response.headers[name] = value
         return response
