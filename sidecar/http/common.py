@@ -47,6 +47,16 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": error}).encode()
 
 
+def store_unavailable_body() -> bytes:
+    """The body of a 503 for a store that did not answer (sent with Retry-After: 1)."""
+    return error_body("store_unavailable", "the message store is unavailable; retry later")
+
+
+def http_error_code(exc: HTTPException) -> str:
+    """A werkzeug error's name as an error code: "Payload Too Large" -> payload_too_large."""
+    return (exc.name or "error").lower().replace(" ", "_")
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(
         json.dumps(body, separators=(",", ":")), status=status, content_type="application/json"
@@ -64,19 +74,14 @@ def install_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(StoreUnavailable)
     async def store_unavailable(exc: StoreUnavailable) -> Response:
-        response = Response(
-            error_body("store_unavailable", "the message store is unavailable; retry later"),
-            503,
-            content_type="application/json",
-        )
+        response = Response(store_unavailable_body(), 503, content_type="application/json")
         response.headers["Retry-After"] = "1"
         return response
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        code = (exc.name or "error").lower().replace(" ", "_")
         response = Response(
-            error_body(code, exc.description or exc.name or "error"),
+            error_body(http_error_code(exc), exc.description or exc.name or "error"),
             exc.code or 500,
             content_type="application/json",
         )

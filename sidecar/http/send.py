@@ -34,10 +34,12 @@ from sidecar.config import Settings
 from sidecar.http.common import (
     ApiError,
     error_body,
+    http_error_code,
     install_error_handlers,
     install_health_routes,
     json_response,
     parse_json,
+    store_unavailable_body,
 )
 from sidecar.hub import Hub
 from sidecar.identity import MAX_USER_ID_LENGTH
@@ -287,12 +289,11 @@ class SendApp:
         except ApiError as exc:
             status, body = exc.status, error_body(exc.code, exc.message)
         except StoreUnavailable:
-            body = error_body("store_unavailable", "the message store is unavailable; retry later")
-            return await _respond(send, 503, body, (b"retry-after", b"1"))
+            return await _respond(send, 503, store_unavailable_body(), (b"retry-after", b"1"))
         except Exception:
             log.exception("Exception on request POST %s", path)
-            code = (_INTERNAL_ERROR.name or "error").lower().replace(" ", "_")
-            status, body = 500, error_body(code, _INTERNAL_ERROR.description or "error")
+            status, error = 500, _INTERNAL_ERROR
+            body = error_body(http_error_code(error), error.description or "error")
         await _respond(send, status, body)
 
     async def _batch(self, payload: Any) -> list[dict[str, Any]]:
