@@ -223,19 +223,27 @@ async def test_body_over_the_default_limit_is_413(sidecar: Sidecar, alice: SseCl
     assert sidecar.running.settings.max_payload_bytes == 64 * 1024
     assert_error(await post(sidecar, _body_of_size(64 * 1024 + 1)), 413)
 
-    async def chunked() -> AsyncIterator[bytes]:
+    async def post_chunked(path: str, size: int) -> httpx.Response:
         # No Content-Length: the limit holds on the bytes actually read too.
-        body = _body_of_size(64 * 1024 + 1)
-        for start in range(0, len(body), 4096):
-            yield body[start : start + 4096]
+        body = _body_of_size(size)
 
-    reply = await sidecar.client.post(
-        f"{sidecar.send_url}/v1/send",
-        content=chunked(),
-        headers={"Content-Type": "application/json"},
-    )
-    assert "content-length" not in reply.request.headers
-    assert_error(reply, 413)
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, size, 4096):
+                yield body[start : start + 4096]
+
+        reply = await sidecar.client.post(
+            f"{sidecar.send_url}{path}",
+            content=chunks(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert "content-length" not in reply.request.headers
+        return reply
+
+    assert_error(await post_chunked("/v1/send", 64 * 1024 + 1), 413, "payload_too_large")
+    # Past the batch limit too, where Quart stops reading the body itself.
+    over_both = sidecar.running.settings.max_batch_bytes + 1
+    for path in ("/v1/send", "/v1/send/batch"):
+        assert_error(await post_chunked(path, over_both), 413, "payload_too_large")
     await assert_nothing_delivered(sidecar, alice)
     # Exactly at the limit is fine.
     assert (await post(sidecar, _body_of_size(64 * 1024))).status_code == 202

@@ -28,7 +28,7 @@ from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import Scope
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import InternalServerError
+from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge
 
 from sidecar.config import Settings
 from sidecar.http.common import (
@@ -187,6 +187,15 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
             return
         if not _bearer_ok(request.headers.get("Authorization", ""), token):
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def body_too_large(exc: RequestEntityTooLarge) -> Response:
+        # A body with no Content-Length that runs past MAX_CONTENT_LENGTH: the same answer
+        # as one over its route's limit.
+        batch = request.path == "/v1/send/batch"
+        limit = settings.max_batch_bytes if batch else settings.max_payload_bytes
+        body = error_body("payload_too_large", f"the body is over {limit} bytes")
+        return Response(body, 413, content_type="application/json")
 
     @app.post("/v1/send")
     async def send() -> Response:
