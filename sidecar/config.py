@@ -230,10 +230,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_batch_bytes", "SIDECAR_MAX_BATCH_BYTES", "1048576", _positive_int,
            "largest batch send request body"),
     Option("queue_max_count", "SIDECAR_QUEUE_MAX_COUNT", "50000", _positive_int,
-           "messages kept at most; the oldest go first",
+           "messages kept at most; the oldest go first (MongoDB: the cap of a capped"
+           " collection the sidecar creates)",
            ("tock_web_sse_message_queue_max_count",)),
     Option("queue_ttl_days", "SIDECAR_QUEUE_TTL_DAYS", "", _days,
-           "days a message is kept (<= 0: no limit; empty: SQLite no limit, MongoDB 7)",
+           "days a message is kept (<= 0: no limit; empty: SQLite no limit, MongoDB 7;"
+           " MongoDB: a TTL index on a regular collection the sidecar creates)",
            ("tock_web_sse_message_queue_ttl_days",)),
     Option("queue_max_size_kb", "SIDECAR_QUEUE_MAX_SIZE_KB", "", _optional_positive_int,
            "capped MongoDB collection size in KB (empty: 2 x queue max count)",
