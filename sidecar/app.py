@@ -18,7 +18,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from sidecar.config import Bind, Settings
+from sidecar.config import OPTIONS, Bind, Settings
 from sidecar.http.disconnect import notify_disconnects
 from sidecar.http.observe import RequestIds
 from sidecar.http.public import PublicApp
@@ -51,6 +51,8 @@ def _listener_config(bind: Bind, settings: Settings, *, send: bool) -> Config:
     # timeout: hypercorn's writes cannot be cancelled from here (sidecar/net.py).
     config = ListenerConfig()
     config.write_timeout = settings.write_timeout_seconds
+    option = next(o for o in OPTIONS if o.name == ("send_bind" if send else "public_bind"))
+    config.setting = f"{option.env} ({option.flag})"
     contain_connection_errors()  # one connection's failure must not stop the listener
     shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
     write_head_with_body()  # one socket write per small response (sidecar/http/writes.py)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import trio
 
 from sidecar import app, logs
-from sidecar.config import OPTIONS, ConfigError, Settings
+from sidecar.config import OPTIONS, ConfigError, Settings, StartupError
 from sidecar.store import StoreUnavailable
 
 
@@ -101,7 +101,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format, sys.stderr)
     try:
         trio.run(_serve, settings)
-    except StoreUnavailable as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
+    except Exception as exc:
+        reason = _operator_error(exc)
+        if reason is None:
+            raise
+        print(f"sidecar: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _operator_error(exc: BaseException) -> BaseException | None:
+    """The store or listener failure in `exc` (trio's nurseries wrap errors in groups),
+    which an operator fixes and which needs no traceback; None for anything else."""
+    if isinstance(exc, StoreUnavailable | StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _operator_error(inner)
+            if found is not None:
+                return found
+    return None

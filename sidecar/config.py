@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """Invalid configuration; the message is one line and names the setting."""
 
 
+class StartupError(Exception):
+    """A setting that is valid but cannot be used here (an address already in use, a host
+    that does not resolve); the message is one line and names the setting."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bind:
     host: str

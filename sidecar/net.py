@@ -38,6 +38,8 @@ from hypercorn.config import Config, Sockets
 from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
+from sidecar.config import StartupError
+
 log = logging.getLogger("sidecar.http")
 
 MAX_USER_TIMEOUT_MS = 2**31 - 1
@@ -68,9 +70,15 @@ class ListenerConfig(Config):
     `write_timeout` seconds (see `bound_unacknowledged`)."""
 
     write_timeout: float = 30.0
+    setting: str = "bind"  # named when the address cannot be listened on
 
     def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
+        try:
+            sockets = super().create_sockets()
+        except OSError as exc:
+            raise StartupError(
+                f"{self.setting} {' '.join(self.bind)}: cannot listen: {exc}"
+            ) from exc
         for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
             bound_unacknowledged(sock, self.write_timeout)
         return sockets

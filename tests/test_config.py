@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import socket
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -406,6 +410,35 @@ def test_cli_bad_tock_alias(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "tock_web_sse_keepalive_delay" in err
+
+
+def test_cli_store_that_cannot_open_exits_1_with_one_line(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    clean_env.setenv("SIDECAR_STORE", f"sqlite:///{tmp_path}/missing/dir/sidecar.db")
+    assert cli.main(["serve", "--public-bind", "127.0.0.1:0", "--send-bind", "127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("sidecar: SIDECAR_STORE: cannot open SQLite store")
+
+
+def test_cli_address_in_use_exits_1_naming_the_setting(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    clean_env.setenv("SIDECAR_STORE", f"sqlite:///{tmp_path}/sidecar.db")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--public-bind", "127.0.0.1:0", "--send-bind", f"127.0.0.1:{port}"]
+        assert cli.main(args) == 1
+    with warnings.catch_warnings():
+        # hypercorn leaves the socket it could not bind to the garbage collector.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    last = capsys.readouterr().err.splitlines()[-1]  # after the public listener's log line
+    assert last.startswith(f"sidecar: SIDECAR_SEND_BIND (--send-bind) 127.0.0.1:{port}: ")
+    assert "cannot listen" in last
 
 
 def test_cli_every_option_has_a_flag(capsys: pytest.CaptureFixture[str]) -> None:

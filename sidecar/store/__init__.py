@@ -15,18 +15,21 @@ __all__ = ["FeedItem", "HistoryLost", "Store", "StoreUnavailable", "open_store"]
 async def open_store(settings: Settings) -> AsyncIterator[Store]:
     """Open the store `settings.store` names, and close it on exit."""
     store: Store
-    if settings.store.startswith("sqlite:///"):
-        from sidecar.store.sqlite import SqliteStore
+    try:
+        if settings.store.startswith("sqlite:///"):
+            from sidecar.store.sqlite import SqliteStore
 
-        store = await SqliteStore.open(
-            settings.store.removeprefix("sqlite:///"),
-            max_count=settings.queue_max_count,
-            ttl_days=settings.queue_ttl_days,
-        )
-    else:
-        from sidecar.store.mongo import MongoStore
+            store = await SqliteStore.open(
+                settings.store.removeprefix("sqlite:///"),
+                max_count=settings.queue_max_count,
+                ttl_days=settings.queue_ttl_days,
+            )
+        else:
+            from sidecar.store.mongo import MongoStore
 
-        store = await MongoStore.open(settings)
+            store = await MongoStore.open(settings)
+    except StoreUnavailable as exc:
+        raise StoreUnavailable(f"SIDECAR_STORE: {exc}") from exc
     try:
         yield store
     finally:
