@@ -291,6 +291,71 @@ async def test_cookie_mode_allows_credentials_for_its_connector_only(tmp_path: P
             assert "set-cookie" not in response.headers
 
 
+async def test_cookie_routes_refuse_origins_the_cors_pattern_does_not_let_in(
+    tmp_path: Path,
+) -> None:
+    """A browser sends the cookie with a request from any site; CORS only keeps that site
+    from reading the answer. So another site could make a visitor's browser acknowledge
+    every message (a text/plain POST needs no preflight) or open their stream and have
+    messages marked SENT that nobody reads. Cookie routes refuse such requests."""
+    settings = settings_for(
+        tmp_path, SIDECAR_IDENTITY="cookie", SIDECAR_CORS_PATTERN=r"https://good\.example"
+    )
+    async with running_sidecar(settings) as sidecar:
+        user_id, _ = await minted_cookie(sidecar)
+        cookie = {"Cookie": f"{COOKIE_NAME}={user_id}"}
+        url = f"{sidecar.public}/io/app/web/sse"
+        message = await sidecar.send(user_id)
+        async with open_stream(sidecar, url, cookie) as (_, client):
+            assert (await client.next_message()).id == message
+        await wait_for_state(sidecar, [message], State.SENT)
+        forged = json.dumps({"lastEventId": "f" * 24})
+        for origin in ("https://evil.example", "null"):
+            reply = await sidecar.client.post(
+                f"{url}/ack",
+                content=forged,
+                headers={**cookie, "Origin": origin, "Content-Type": "text/plain"},
+            )
+            assert reply.status_code == 403, reply.text
+            assert reply.json()["error"]["code"] == "origin_not_allowed"
+            queued = await sidecar.send(user_id)
+            refused = await refused_stream(sidecar, url, {**cookie, "Origin": origin})
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["code"] == "origin_not_allowed"
+            assert "set-cookie" not in refused.headers
+            assert await states(sidecar, [message, queued]) == [State.SENT, State.ENQUEUED]
+        # The pattern's origins and the sidecar's own pages are let in.
+        host = sidecar.public.removeprefix("http://")
+        for origin in ("https://good.example", f"http://{host}"):
+            async with open_stream(sidecar, url, {**cookie, "Origin": origin}):
+                pass
+            reply = await sidecar.client.post(
+                f"{url}/ack",
+                content=forged,
+                headers={**cookie, "Origin": origin, "Content-Type": "application/json"},
+            )
+            assert reply.status_code == 204, reply.text
+        assert await states(sidecar, [message]) == [State.DELIVERED]
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({"SIDECAR_IDENTITY": "cookie"}, True),
+        ({"SIDECAR_CORS_CREDENTIALS": "true", "SIDECAR_CORS_PATTERN": "https://.*"}, True),
+        ({"SIDECAR_IDENTITY": "cookie", "SIDECAR_CORS_PATTERN": r"https://good\.example"}, False),
+        ({}, False),  # query identity: no credentials
+    ],
+)
+async def test_start_up_warns_when_any_site_may_read_credentialed_streams(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, env: dict[str, str], warned: bool
+) -> None:
+    async with running_sidecar(settings_for(tmp_path, **env)):
+        pass
+    warnings = [r for r in caplog.records if "SIDECAR_CORS_PATTERN" in r.getMessage()]
+    assert len(warnings) == warned
+
+
 # --- signed ----------------------------------------------------------------------------------
 
 

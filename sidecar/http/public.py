@@ -8,10 +8,12 @@ disconnect.py), elsewhere a task next to it in one nursery per connection waits 
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable as Receive
@@ -39,6 +41,11 @@ from sidecar.hub import Hub
 from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
 from sidecar.stream import SentMarker, StreamOptions, serve_stream
+
+log = logging.getLogger("sidecar.http")
+
+# An origin no deployment lets in on purpose: a pattern that matches it matches any site.
+ANY_SITE = "https://any-site.invalid"
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream;charset=UTF-8"),
@@ -71,6 +78,13 @@ class PublicApp:
         )
         self._policies = {c.id: identity.policy_for(settings, c) for c in settings.connectors}
         self._credentials = _credentials(settings, self._policies)
+        paths = [p for c in settings.connectors for p in (c.stream_path, c.ack_path)]
+        if any(map(self._credentials, paths)) and settings.cors_pattern.fullmatch(ANY_SITE):
+            log.warning(
+                "SIDECAR_CORS_PATTERN lets in every origin while CORS allows credentials"
+                " (cookie identity or SIDECAR_CORS_CREDENTIALS): any site can read the"
+                " streams of its visitors; set it to the origins of the sites with the chat"
+            )
         self._quart = _quart_app(settings, store, self._policies, self._credentials)
         if settings.demo:
             install_demo_routes(self._quart, settings, hub, store)
@@ -128,6 +142,12 @@ class PublicApp:
     async def _stream(
         self, connector: Connector, scope: HTTPScope, receive: Receive, send: Send
     ) -> None:
+        if self._credentials(scope["path"]) and _cross_site(
+            _header(scope, b"origin"), _header(scope, b"host"), self._settings.cors_pattern
+        ):
+            return await self._error(
+                scope, send, 403, "origin_not_allowed", "this origin may not open this stream"
+            )
         query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
         try:
             resolved = identity.resolve(
@@ -253,6 +273,17 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _cross_site(origin: str | None, host: str | None, pattern: re.Pattern[str]) -> bool:
+    """Whether a request comes from a page of another site that the CORS pattern does not
+    let in. A browser sends the user's cookie with it all the same: CORS only keeps the
+    page from reading the answer. A route that knows its user by cookie refuses it, or any
+    site could open that user's stream or acknowledge their messages (cross-site request
+    forgery). A same-origin request may carry an Origin too."""
+    if origin is None or pattern.fullmatch(origin) is not None:
+        return False
+    return urlsplit(origin).netloc != host
+
+
 def _header(scope: HTTPScope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -312,14 +343,30 @@ def _quart_app(
         app.add_url_rule(
             connector.ack_path,
             endpoint=f"ack_{connector.id}",
-            view_func=_ack_view(connector, store, policies[connector.id]),
+            view_func=_ack_view(
+                connector,
+                store,
+                policies[connector.id],
+                settings.cors_pattern if credentials(connector.ack_path) else None,
+            ),
             methods=["POST"],
         )
     return app
 
 
-def _ack_view(connector: Connector, store: Store, policy: identity.Policy) -> Any:
+def _ack_view(
+    connector: Connector,
+    store: Store,
+    policy: identity.Policy,
+    same_site: re.Pattern[str] | None,
+) -> Any:
+    """The ack route; with `same_site`, it refuses cross-site requests (`_cross_site`)."""
+
     async def ack() -> Response:
+        if same_site is not None and _cross_site(
+            request.headers.get("Origin"), request.host, same_site
+        ):
+            raise ApiError(403, "origin_not_allowed", "this origin may not acknowledge here")
         try:
             user_id = identity.resolve(policy, _request_view(request.scope)).user_id
         except identity.IdentityError as exc:
