@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sidecar.config import Connector, Settings
 
 MAX_USER_ID_LENGTH = 512
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 COOKIE_NAME = "tock_user_id"
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,6 +46,7 @@ class IdentityError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.message = message
 
 
 class Mode(enum.StrEnum):
@@ -224,7 +226,15 @@ def from_query(query: Mapping[str, str]) -> str:
         raise IdentityError(
             400, "invalid_user_id", f"userId is longer than {MAX_USER_ID_LENGTH} characters"
         )
+    if has_control_characters(user_id):
+        raise IdentityError(400, "invalid_user_id", "userId has control characters")
     return user_id
+
+
+def has_control_characters(user_id: str) -> bool:
+    """Whether a user id holds a control character (a line break, NUL...): no browser has
+    such an id, and it would break log lines."""
+    return _CONTROL.search(user_id) is not None
 
 
 def _valid_cookie_value(value: str | None) -> bool:

@@ -444,6 +444,14 @@ async def test_readyz_is_503_while_the_store_is_unavailable(sidecar: Sidecar) ->
     assert await stored(sidecar) == []
 
 
+async def test_recipient_with_control_characters_is_400(sidecar: Sidecar) -> None:
+    # No browser can connect as such a user (the stream refuses the id).
+    for recipient in ("a\nb", "\x00", "a\x9b"):
+        body = json.dumps(item(recipientId=recipient)).encode()
+        assert_error(await post(sidecar, body), 400, "invalid_field")
+    assert await stored(sidecar) == []
+
+
 async def test_lone_surrogate_recipient_is_400(sidecar: Sidecar) -> None:
     # json.loads accepts "\udfff"; no store can hold it, so it is refused up front.
     reply = await sidecar.client.post(

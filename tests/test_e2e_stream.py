@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
 from sidecar.protocol.message import State
@@ -58,6 +59,32 @@ async def test_missing_user_id_is_400_json(sidecar: Sidecar) -> None:
     reply = await sidecar.client.get(f"{sidecar.public}/io/app/web/sse")
     assert reply.status_code == 400
     assert reply.json()["error"]["code"] == "missing_user_id"
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        # Decoded loosely, both would be the same user, U+FFFD.
+        ("userId=%FF", "invalid_query"),
+        ("userId=%FE", "invalid_query"),
+        ("userId=%C3", "invalid_query"),
+        ("userId=a%0Ab", "invalid_user_id"),
+        ("userId=a%00", "invalid_user_id"),
+    ],
+)
+async def test_user_id_that_is_not_text_is_400(sidecar: Sidecar, query: str, code: str) -> None:
+    for path in ("/io/app/web/sse", "/io/app/web/sse/ack"):
+        method = "GET" if path.endswith("/sse") else "POST"
+        reply = await sidecar.client.request(
+            method,
+            f"{sidecar.public}{path}?{query}",
+            json={"ids": []},
+        )
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["code"] == code
+    url = f"{sidecar.public}/io/app/web/sse?userId=%C3%A9"
+    async with sidecar.client.stream("GET", url) as utf8:
+        assert utf8.status_code == 200
 
 
 async def test_keepalive_pings_at_the_interval(tmp_path) -> None:  # type: ignore[no-untyped-def]

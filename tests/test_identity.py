@@ -205,6 +205,9 @@ def test_query_mode() -> None:
     assert resolve(QUERY, view({"userId": "alice"})).set_cookie is None
     assert refused(QUERY, view()).status == 400
     assert refused(QUERY, view({"userId": "u" * 513})).code == "invalid_user_id"
+    for control in ("a\nb", "a\x00", "\x7f", "a\x85b"):
+        assert refused(QUERY, view({"userId": control})).code == "invalid_user_id"
+    assert resolve(QUERY, view({"userId": "josé ü 名前"})).user_id == "josé ü 名前"
     # Other modes' credentials mean nothing here.
     cookie = [("Cookie", f"{COOKIE_NAME}=alice")]
     assert refused(QUERY, view(headers=cookie)).code == "missing_user_id"

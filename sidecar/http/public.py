@@ -148,13 +148,13 @@ class PublicApp:
             return await self._error(
                 scope, send, 403, "origin_not_allowed", "this origin may not open this stream"
             )
-        query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
         try:
+            query = _query(scope)
             resolved = identity.resolve(
-                self._policies[connector.id], _request_view(scope), mint_cookie=True
+                self._policies[connector.id], _request_view(scope, query), mint_cookie=True
             )
-        except identity.IdentityError as exc:
-            return await self._error(scope, send, exc.status, exc.code, str(exc))
+        except (ApiError, identity.IdentityError) as exc:
+            return await self._error(scope, send, exc.status, exc.code, exc.message)
         user_id = resolved.user_id
         set_cookie = [(b"set-cookie", resolved.set_cookie.encode())] if resolved.set_cookie else []
         raw_last = _header(scope, b"last-event-id") or query.get("lastEventId") or None
@@ -291,11 +291,20 @@ def _header(scope: HTTPScope, name: bytes) -> str | None:
     return None
 
 
-def _request_view(scope: WWWScope) -> identity.RequestView:
+def _query(scope: WWWScope) -> dict[str, str]:
+    """The query parameters; ApiError 400 when a percent-escape is not UTF-8 (decoded
+    loosely, different user ids would become the same replacement character)."""
+    try:
+        return dict(parse_qsl(scope["query_string"].decode("latin-1"), errors="strict"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_query", "the query string is not UTF-8") from None
+
+
+def _request_view(scope: WWWScope, query: dict[str, str]) -> identity.RequestView:
     """What identity needs of a request, from its ASGI scope (stream and ack alike)."""
     client = scope.get("client")
     return identity.RequestView.build(
-        dict(parse_qsl(scope["query_string"].decode("latin-1"))),
+        query,
         [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in scope["headers"]],
         str(client[0]) if client else None,
     )
@@ -368,7 +377,8 @@ def _ack_view(
         ):
             raise ApiError(403, "origin_not_allowed", "this origin may not acknowledge here")
         try:
-            user_id = identity.resolve(policy, _request_view(request.scope)).user_id
+            view = _request_view(request.scope, _query(request.scope))
+            user_id = identity.resolve(policy, view).user_id
         except identity.IdentityError as exc:
             raise ApiError(exc.status, exc.code, str(exc)) from None
         if request.mimetype not in ("application/json", "text/plain"):

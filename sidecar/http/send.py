@@ -42,7 +42,7 @@ from sidecar.http.common import (
     store_unavailable_body,
 )
 from sidecar.hub import Hub
-from sidecar.identity import MAX_USER_ID_LENGTH
+from sidecar.identity import MAX_USER_ID_LENGTH, has_control_characters
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol.message import Message, new_id
 from sidecar.protocol.sse import dumps
@@ -80,6 +80,8 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
         raise ApiError(
             400, "invalid_field", f"{where}recipientId is longer than {MAX_USER_ID_LENGTH}"
         )
+    if has_control_characters(recipient_id):
+        raise ApiError(400, "invalid_field", f"{where}recipientId has control characters")
     if not isinstance(response, dict):
         raise ApiError(400, "invalid_field", f"{where}response must be a JSON object")
     if settings.connector(connector_id) is None:
