@@ -60,7 +60,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`2024-01-01 12:00:00,000 INFO sidecar [request id]: message`."""
+    """`2024-01-01 12:00:00,000 INFO sidecar [request id]: message`, one line per record
+    (a traceback follows it): line breaks in the message are escaped, so that a value a
+    client chose cannot forge a line."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s")
@@ -69,6 +71,10 @@ class TextFormatter(logging.Formatter):
         rid = request_id.get()
         record.rid = f" [{rid}]" if rid is not None else ""
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return line.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
 
 
 def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:

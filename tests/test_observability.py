@@ -303,12 +303,14 @@ def test_text_log_format_is_readable() -> None:
         logger.warning("hello %s", "world")
         logs.request_id.reset(token)
         logger.warning("outside")
+        logger.warning("user %s", "x\n2026-01-01 00:00:00,000 ERROR sidecar: forged\\n\r")
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
-    first, second = buffer.getvalue().splitlines()
+    first, second, third = buffer.getvalue().splitlines()
     assert first.endswith("WARNING sidecar.test.text [r-9]: hello world")
     assert second.endswith("WARNING sidecar.test.text: outside")
+    assert third.endswith(": user x\\n2026-01-01 00:00:00,000 ERROR sidecar: forged\\\\n\\r")
 
 
 def test_json_formatter_keeps_a_traceback_on_one_line() -> None:
