@@ -87,7 +87,8 @@ def _store(value: str) -> str:
         return value
     if value.startswith(("mongodb://", "mongodb+srv://")):
         return value
-    raise ValueError(f"expected sqlite:///PATH or mongodb://..., got {value!r}")
+    # Not quoted back: a mistyped URL may hold a password.
+    raise ValueError("expected sqlite:///PATH or mongodb://...")
 
 
 def _positive_float(value: str) -> float:
@@ -147,6 +148,10 @@ def _bool(value: str) -> bool:
 
 
 def _token(value: str) -> str | None:
+    """A bearer token as a client sends it: printable ASCII (an HTTP header carries bytes)
+    with no space around it (the header value is trimmed). Not quoted back in errors."""
+    if value and not (value.isascii() and value.isprintable() and value == value.strip()):
+        raise ValueError("must be printable ASCII with no space around it")
     return value or None
 
 

@@ -290,13 +290,24 @@ BAD_VALUES = [
     ("cookie_max_age", ["0", "x", "1.5"]),
     ("cookie_path", ["a", "/a;b", "/a b", "/\u00e9", "/a,b"]),
     ("demo", ["maybe", "2"]),
+    ("send_token", [" tok", "tok ", "s\u00e9cret", "a\tb", "a b\n"]),
 ]  # fmt: skip
 
 BAD = [(name, value) for name, values in BAD_VALUES for value in values]
 
 
 def test_bad_values_cover_every_option() -> None:
-    assert {name for name, _ in BAD_VALUES} == set(OPTION) - {"send_token"}
+    assert {name for name, _ in BAD_VALUES} == set(OPTION)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("store", "mongdb://admin:s3cret@db"), ("send_token", "s3cret ")],
+)
+def test_errors_do_not_quote_secrets(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({OPTION[name].env: value})
+    assert "s3cret" not in str(info.value)
 
 
 def assert_one_line_naming(exc: ConfigError, source: str) -> None:
