@@ -302,9 +302,16 @@ def _from_header(policy: Policy, request: RequestView) -> str:
         raise IdentityError(
             401, "missing_identity_header", f"expected exactly one non-empty {policy.header} header"
         )
-    user_id = values[0].strip()
+    try:
+        # Header values come decoded as latin-1, one character per byte; a proxy that
+        # passes on a non-ASCII user id sends it in UTF-8.
+        user_id = values[0].strip().encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise IdentityError(401, "invalid_user_id", "the user id is not UTF-8") from None
     if len(user_id) > MAX_USER_ID_LENGTH:
         raise IdentityError(
             401, "invalid_user_id", f"the user id is longer than {MAX_USER_ID_LENGTH} characters"
         )
+    if has_control_characters(user_id):
+        raise IdentityError(401, "invalid_user_id", "the user id has control characters")
     return user_id

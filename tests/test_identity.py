@@ -324,6 +324,10 @@ HEADER = Policy(
 def test_header_mode_from_a_trusted_proxy(client: str) -> None:
     request = view({"userId": "mallory"}, [("x-forwarded-user", " alice ")], client)
     assert resolve(HEADER, request).user_id == "alice"
+    # Header bytes arrive one character each (latin-1); the proxy sent UTF-8.
+    utf8 = "josé 名前".encode().decode("latin-1")
+    request = view({}, [("x-forwarded-user", utf8)], client)
+    assert resolve(HEADER, request).user_id == "josé 名前"
 
 
 @pytest.mark.parametrize(
@@ -339,6 +343,8 @@ def test_header_mode_from_a_trusted_proxy(client: str) -> None:
         ("127.0.0.1", [("X-Forwarded-User", "a"), ("X-Forwarded-User", "b")],
          "missing_identity_header"),
         ("127.0.0.1", [("X-Forwarded-User", "u" * 513)], "invalid_user_id"),
+        ("127.0.0.1", [("X-Forwarded-User", "jos\xe9")], "invalid_user_id"),  # latin-1 é
+        ("127.0.0.1", [("X-Forwarded-User", "a\x01b")], "invalid_user_id"),
     ],
 )  # fmt: skip
 def test_header_mode_refuses(client: str | None, headers: list[tuple[str, str]], code: str) -> None:
