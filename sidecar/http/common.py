@@ -90,7 +90,11 @@ def install_error_handlers(app: Quart) -> None:
         return response
 
 
-def install_health_routes(app: Quart, store: Store) -> None:
+def install_health_routes(app: Quart, store: Store, *, details: bool) -> None:
+    """/healthz and /readyz; with `details`, /readyz also shows what the store says of
+    itself, or why it is unavailable (host names, ports): the send listener's, not the
+    public one's."""
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return json_response({"status": "ok"})
@@ -98,10 +102,11 @@ def install_health_routes(app: Quart, store: Store) -> None:
     @app.get("/readyz")
     async def readyz() -> Response:
         try:
-            details = await store.ping()
+            found = await store.ping()
         except StoreUnavailable as exc:
-            return json_response({"status": "unavailable", "store": {"error": str(exc)}}, 503)
-        return json_response({"status": "ok", "store": details})
+            store_says = {"store": {"error": str(exc)}} if details else {}
+            return json_response({"status": "unavailable"} | store_says, 503)
+        return json_response({"status": "ok"} | ({"store": found} if details else {}))
 
 
 def cors_headers(

@@ -331,7 +331,7 @@ def _quart_app(
     app = QuartTrio("sidecar.public")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_ack_bytes
     install_error_handlers(app)
-    install_health_routes(app, store)
+    install_health_routes(app, store, details=False)
     client_js = resources.files("sidecar").joinpath("static/sidecar-sse.js").read_bytes()
 
     @app.after_request

@@ -179,7 +179,7 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
     app = QuartTrio("sidecar.send")
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_payload_bytes, settings.max_batch_bytes)
     install_error_handlers(app)
-    install_health_routes(app, store)
+    install_health_routes(app, store, details=True)
     token = settings.send_token.encode() if settings.send_token else None
     openapi = resources.files("sidecar").joinpath(OPENAPI_PATH).read_bytes()
 
