@@ -13,14 +13,19 @@
  *   ?lastEventId=... and gets exactly what it has not seen (EventSource itself sends the
  *   Last-Event-ID header when it reconnects on its own);
  * - every message is acknowledged, in batches, to <url>/ack, so the sidecar marks it
- *   DELIVERED and never replays it;
+ *   DELIVERED and never replays it; an ack that fails is retried, backing off;
  * - ids already handed to onmessage are dropped, so a message that comes twice (replay
- *   racing live delivery, a reconnect to another instance) is shown once.
+ *   racing live delivery, a reconnect to another instance) is shown once;
+ * - a stream the server ended for good is opened again, backing off (with jitter) from
+ *   retryDelay up to maxRetryDelay, from the last id this page has seen.
+ * A query string in url (a signed-mode token) is kept on the stream and the ack URLs.
  */
 (function (global) {
   "use strict";
 
   var SEEN_LIMIT = 1000;
+  // Ids per ack request: 500 stay under the sidecar's default SIDECAR_MAX_ACK_BYTES (16 KB).
+  var MAX_ACK_BATCH = 500;
   // A last id before every id: on a first visit, ask for everything not yet delivered,
   // including what an earlier page may have been written but never acknowledged.
   var NOTHING_SEEN = "000000000000000000000000";
@@ -30,44 +35,70 @@
       throw new Error("SidecarSSE needs url and userId");
     }
     this.url = options.url;
+    var url = this.url.split("#")[0];
+    var query = url.indexOf("?");
+    this._path = query < 0 ? url : url.slice(0, query);
+    this._query = query < 0 ? "" : url.slice(query + 1);
     this.userId = String(options.userId);
     this.onmessage = options.onmessage || function () {};
     this.onopen = options.onopen || function () {};
     this.onerror = options.onerror || function () {};
     this.ackDelay = options.ackDelay == null ? 250 : options.ackDelay;
-    this.ackBatch = options.ackBatch || 50;
+    this.ackBatch = Math.min(options.ackBatch || 50, MAX_ACK_BATCH);
     this.retryDelay = options.retryDelay == null ? 2000 : options.retryDelay;
-    this.storageKey = options.storageKey || "sidecar-sse:" + this.url + ":" + this.userId;
+    this.maxRetryDelay = options.maxRetryDelay == null ? 30000 : options.maxRetryDelay;
+    // Not the query: a token in it changes with every page load.
+    this.storageKey = options.storageKey || "sidecar-sse:" + this._path + ":" + this.userId;
     this.withCredentials = !!options.withCredentials;
     this._seen = [];
     this._seenSet = {};
     this._pendingAcks = [];
     this._ackTimer = null;
+    this._ackFailures = 0;
     this._retryTimer = null;
+    this._retries = 0;
     this._closed = false;
+    // Read once: a reconnect resumes from what this page has seen, not from what another
+    // tab of the same user stored meanwhile (that tab's messages this one never got).
+    this._lastId = null;
+    try {
+      this._lastId = global.localStorage.getItem(this.storageKey);
+    } catch (e) {
+      /* storage disabled: the first connect asks for everything not yet delivered */
+    }
     this._connect();
   }
 
   SidecarSSE.prototype.lastEventId = function () {
-    try {
-      return global.localStorage.getItem(this.storageKey);
-    } catch (e) {
-      return null;
-    }
+    return this._lastId;
   };
 
   SidecarSSE.prototype._remember = function (id) {
+    this._lastId = id;
     try {
       global.localStorage.setItem(this.storageKey, id);
     } catch (e) {
-      /* storage may be full or disabled: resuming then falls back to the server's state */
+      /* storage may be full or disabled: a reload then resumes from the server's state */
     }
   };
 
+  SidecarSSE.prototype._withQuery = function (path, params) {
+    return path + "?" + (this._query ? this._query + "&" : "") + params;
+  };
+
   SidecarSSE.prototype._streamUrl = function () {
-    var url = this.url + (this.url.indexOf("?") < 0 ? "?" : "&") +
-      "userId=" + encodeURIComponent(this.userId);
-    return url + "&lastEventId=" + encodeURIComponent(this.lastEventId() || NOTHING_SEEN);
+    return this._withQuery(
+      this._path,
+      "userId=" + encodeURIComponent(this.userId) +
+        "&lastEventId=" + encodeURIComponent(this._lastId || NOTHING_SEEN)
+    );
+  };
+
+  // base * 2^attempt, at most maxRetryDelay, plus up to half of it at random so that the
+  // clients of a restarted instance do not all come back at once.
+  SidecarSSE.prototype._backoff = function (base, attempt) {
+    var delay = Math.min(base * Math.pow(2, attempt), this.maxRetryDelay);
+    return delay + Math.floor(Math.random() * delay / 2);
   };
 
   SidecarSSE.prototype._connect = function () {
@@ -77,22 +108,24 @@
     });
     this.source = source;
     source.onopen = function (event) {
+      self._retries = 0;
       self.onopen(event);
     };
     source.addEventListener("message", function (event) {
       self._receive(event);
     });
     source.onerror = function (event) {
-      self.onerror(event);
       // EventSource retries by itself while the connection is merely broken; once it gives up
       // (CLOSED: the server answered with an error or closed for good), start a fresh one, as
-      // tock-react-kit does, with the stored last id.
+      // tock-react-kit does, with the last id. Scheduled before onerror runs: a handler that
+      // throws must not stop the reconnects.
       if (source.readyState === global.EventSource.CLOSED && !self._closed) {
         self._retryTimer = global.setTimeout(function () {
           self._retryTimer = null;
           if (!self._closed) self._connect();
-        }, self.retryDelay);
+        }, self._backoff(self.retryDelay, self._retries++));
       }
+      self.onerror(event);
     };
   };
 
@@ -124,15 +157,24 @@
   };
 
   SidecarSSE.prototype._queueAck = function (id) {
-    var self = this;
     this._pendingAcks.push(id);
-    if (this._pendingAcks.length >= this.ackBatch) {
+    // A full batch goes at once, unless acks are failing: then it waits for the retry.
+    if (this._pendingAcks.length >= this.ackBatch && this._ackFailures === 0) {
       this.flushAcks();
-    } else if (this._ackTimer === null) {
-      this._ackTimer = global.setTimeout(function () {
-        self.flushAcks();
-      }, this.ackDelay);
+    } else {
+      this._scheduleAcks();
     }
+  };
+
+  SidecarSSE.prototype._scheduleAcks = function () {
+    if (this._ackTimer !== null) return;
+    var self = this;
+    var wait = this._ackFailures === 0
+      ? this.ackDelay
+      : this._backoff(Math.max(this.ackDelay, 1), this._ackFailures);
+    this._ackTimer = global.setTimeout(function () {
+      self.flushAcks();
+    }, wait);
   };
 
   SidecarSSE.prototype.flushAcks = function () {
@@ -140,10 +182,16 @@
       global.clearTimeout(this._ackTimer);
       this._ackTimer = null;
     }
-    if (this._pendingAcks.length === 0) return Promise.resolve();
-    var ids = this._pendingAcks.splice(0, this._pendingAcks.length);
+    var posts = [];
+    while (this._pendingAcks.length > 0) {
+      posts.push(this._postAcks(this._pendingAcks.splice(0, this.ackBatch)));
+    }
+    return Promise.all(posts).then(function () {});
+  };
+
+  SidecarSSE.prototype._postAcks = function (ids) {
     var self = this;
-    var url = this.url + "/ack?userId=" + encodeURIComponent(this.userId);
+    var url = this._withQuery(this._path + "/ack", "userId=" + encodeURIComponent(this.userId));
     // text/plain keeps this a "simple" cross-origin request: no preflight per batch.
     return global.fetch(url, {
       method: "POST",
@@ -152,15 +200,24 @@
       credentials: this.withCredentials ? "include" : "same-origin",
       keepalive: true,
     }).then(function (response) {
-      if (!response.ok && response.status >= 500) self._requeue(ids);
+      if (response.status >= 500) {
+        self._ackFailed(ids);
+      } else {
+        // Answered. A 4xx would be refused again: dropped (its messages are replayed and
+        // dropped as repeats here).
+        self._ackFailures = 0;
+      }
     }, function () {
-      self._requeue(ids);
+      self._ackFailed(ids);
     });
   };
 
-  SidecarSSE.prototype._requeue = function (ids) {
-    // A lost ack only means a replay the client will drop; retry once the next batch goes.
-    if (!this._closed) this._pendingAcks = ids.concat(this._pendingAcks).slice(-SEEN_LIMIT);
+  SidecarSSE.prototype._ackFailed = function (ids) {
+    // A lost ack only means a replay the client will drop; retry later, backing off.
+    if (this._closed) return;
+    this._ackFailures += 1;
+    this._pendingAcks = ids.concat(this._pendingAcks).slice(-SEEN_LIMIT);
+    this._scheduleAcks();
   };
 
   SidecarSSE.prototype.close = function () {

@@ -74,7 +74,8 @@ class MapStorage {
 
 // A fresh "page": its own vm context, EventSource class and fetch log; `storage` may be
 // shared between pages to simulate a reload.
-function loadPage({ storage = new MapStorage(), fetchImpl } = {}) {
+// `random` stands in for Math.random (the reconnect jitter): 0 by default, so delays are exact.
+function loadPage({ storage = new MapStorage(), fetchImpl, random = 0 } = {}) {
   const EventSource = class extends FakeEventSource {
     static instances = [];
   };
@@ -110,6 +111,7 @@ function loadPage({ storage = new MapStorage(), fetchImpl } = {}) {
       globalThis.clearTimeout(handle);
     },
   });
+  vm.runInContext(`Math.random = () => ${random};`, context);
   vm.runInContext(CLIENT_SOURCE, context, { filename: "sidecar-sse.js" });
   return {
     SidecarSSE: context.SidecarSSE,
@@ -252,7 +254,7 @@ test("reaching ackBatch flushes immediately", async (t) => {
   stream.close();
 });
 
-test("a failed ack is re-queued and sent with the next flush", async (t) => {
+test("a failed ack is retried after a backoff, with what came meanwhile", async (t) => {
   t.mock.timers.enable({ apis: ["setTimeout"] });
   let failNext = true;
   const page = loadPage({
@@ -274,8 +276,12 @@ test("a failed ack is re-queued and sent with the next flush", async (t) => {
   assert.equal(page.fetchCalls.length, 1);
   assert.deepEqual(JSON.parse(page.fetchCalls[0].body), { ids: ["c1", "c2"] });
 
+  // Retried after 2 x ackDelay, with no new message needed to trigger it.
   source.emit("{}", "c3");
-  t.mock.timers.tick(100);
+  t.mock.timers.tick(199);
+  await settle();
+  assert.equal(page.fetchCalls.length, 1);
+  t.mock.timers.tick(1);
   await settle();
   assert.equal(page.fetchCalls.length, 2);
   assert.deepEqual(JSON.parse(page.fetchCalls[1].body), { ids: ["c1", "c2", "c3"] });
@@ -303,10 +309,10 @@ test("a 5xx ack is re-queued, a 4xx one is not", async (t) => {
   t.mock.timers.tick(100);
   await settle();
   source.emit("{}", "d2");
-  t.mock.timers.tick(100);
+  t.mock.timers.tick(200); // the retry, backing off
   await settle();
   source.emit("{}", "d3");
-  t.mock.timers.tick(100);
+  t.mock.timers.tick(100); // answered (400): back to ackDelay
   await settle();
   assert.deepEqual(
     page.fetchCalls.map((call) => JSON.parse(call.body).ids),
@@ -394,4 +400,158 @@ test("the constructor needs url and userId", (t) => {
   assert.throws(() => new page.SidecarSSE({ url: URL_BASE }), /url and userId/);
   assert.throws(() => new page.SidecarSSE({ url: URL_BASE, userId: "" }), /url and userId/);
   assert.equal(page.sources.length, 0, "no EventSource opened");
+});
+
+
+test("a query string in url stays on the ack URL and out of the storage key", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  // Signed mode: the token travels in the query string and changes with every page load.
+  const storage = new MapStorage();
+  const page = loadPage({ storage });
+  const stream = new page.SidecarSSE({ url: URL_BASE + "?token=T1", userId: "alice", ackDelay: 10 });
+  page.sources[0].emit("{}", "65a1b2c3d4e5f60718293a4b");
+  t.mock.timers.tick(10);
+  await settle();
+  const ack = new URL(page.fetchCalls[0].url);
+  assert.equal(ack.origin + ack.pathname, URL_BASE + "/ack");
+  assert.equal(ack.searchParams.get("token"), "T1");
+  assert.equal(ack.searchParams.get("userId"), "alice");
+  stream.close();
+
+  const reload = loadPage({ storage });
+  new reload.SidecarSSE({ url: URL_BASE + "?token=T2", userId: "alice" });
+  const params = streamParams(reload.sources[0]);
+  assert.equal(params.get("token"), "T2");
+  assert.equal(params.get("lastEventId"), "65a1b2c3d4e5f60718293a4b");
+  assert.deepEqual([...storage.map.keys()], [`sidecar-sse:${URL_BASE}:alice`]);
+});
+
+test("reconnects back off from retryDelay to maxRetryDelay, and start over once open", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const stream = new page.SidecarSSE({
+    url: URL_BASE,
+    userId: "u",
+    retryDelay: 1000,
+    maxRetryDelay: 8000,
+  });
+  const waits = [];
+  for (let n = 0; n < 6; n++) {
+    page.sources.at(-1).fail();
+    let waited = 0;
+    const count = page.sources.length;
+    while (page.sources.length === count) {
+      t.mock.timers.tick(100);
+      waited += 100;
+    }
+    waits.push(waited);
+  }
+  assert.deepEqual(waits, [1000, 2000, 4000, 8000, 8000, 8000]);
+  page.sources.at(-1).open();
+  page.sources.at(-1).fail();
+  t.mock.timers.tick(1000);
+  assert.equal(page.sources.length, 8, "an open stream resets the backoff");
+  stream.close();
+});
+
+test("the reconnect delay has up to half of it added at random", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage({ random: 0.999 });
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", retryDelay: 1000 });
+  page.sources[0].fail();
+  t.mock.timers.tick(1498);
+  assert.equal(page.sources.length, 1);
+  t.mock.timers.tick(1);
+  assert.equal(page.sources.length, 2);
+  stream.close();
+});
+
+test("an onerror that throws does not stop the reconnects", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const page = loadPage();
+  const stream = new page.SidecarSSE({
+    url: URL_BASE,
+    userId: "u",
+    retryDelay: 1000,
+    onerror() {
+      throw new Error("the page's handler broke");
+    },
+  });
+  assert.throws(() => page.sources[0].fail(), /handler broke/);
+  t.mock.timers.tick(1000);
+  assert.equal(page.sources.length, 2);
+  stream.close();
+});
+
+test("a reconnect resumes from this page's last id, not another tab's", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const storage = new MapStorage();
+  const tabA = loadPage({ storage });
+  const tabB = loadPage({ storage });
+  const a = new tabA.SidecarSSE({ url: URL_BASE, userId: "u", retryDelay: 1000 });
+  const b = new tabB.SidecarSSE({ url: URL_BASE, userId: "u", retryDelay: 1000 });
+  tabA.sources[0].emit("{}", "65a1b2c3d4e5f6071829300a");
+  tabB.sources[0].emit("{}", "65a1b2c3d4e5f6071829300a");
+  // B's stream is down while A gets two more; B must still ask for them.
+  tabB.sources[0].fail();
+  tabA.sources[0].emit("{}", "65a1b2c3d4e5f6071829300b");
+  tabA.sources[0].emit("{}", "65a1b2c3d4e5f6071829300c");
+  t.mock.timers.tick(1000);
+  assert.equal(streamParams(tabB.sources[1]).get("lastEventId"), "65a1b2c3d4e5f6071829300a");
+  assert.equal(b.lastEventId(), "65a1b2c3d4e5f6071829300a");
+  assert.equal(a.lastEventId(), "65a1b2c3d4e5f6071829300c");
+  a.close();
+  b.close();
+});
+
+test("without localStorage a reconnect still resumes from the last id seen", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const broken = {
+    getItem() {
+      throw new Error("SecurityError");
+    },
+    setItem() {
+      throw new Error("QuotaExceededError");
+    },
+  };
+  const page = loadPage({ storage: broken });
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", retryDelay: 1000 });
+  assert.equal(streamParams(page.sources[0]).get("lastEventId"), NOTHING_SEEN);
+  page.sources[0].emit("{}", "65a1b2c3d4e5f6071829300a");
+  page.sources[0].fail();
+  t.mock.timers.tick(1000);
+  assert.equal(streamParams(page.sources[1]).get("lastEventId"), "65a1b2c3d4e5f6071829300a");
+  stream.close();
+});
+
+test("acks during an outage neither flood the server nor outgrow its size limit", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  let down = true;
+  const page = loadPage({
+    fetchImpl: (call) => {
+      if (down) return Promise.reject(new TypeError("network down"));
+      // The sidecar's default SIDECAR_MAX_ACK_BYTES.
+      const status = call.body.length > 16384 ? 413 : 204;
+      return Promise.resolve({ ok: status < 400, status });
+    },
+  });
+  const stream = new page.SidecarSSE({ url: URL_BASE, userId: "u", ackDelay: 100, ackBatch: 5000 });
+  const id = (n) => n.toString(16).padStart(24, "0");
+  for (let n = 1; n <= 700; n++) {
+    page.sources[0].emit("{}", id(n));
+    if (n % 10 === 0) {
+      t.mock.timers.tick(100);
+      await settle();
+    }
+  }
+  assert.ok(page.fetchCalls.length < 20, `${page.fetchCalls.length} ack requests while down`);
+  down = false;
+  t.mock.timers.tick(30000);
+  await settle();
+  const answered = page.fetchCalls.filter((call) => call.body.length <= 16384).slice(-2);
+  const acked = answered.flatMap((call) => JSON.parse(call.body).ids);
+  // The newest 1000 at most are kept for a retry: here all 700.
+  assert.equal(new Set(acked).size, 700);
+  assert.ok(page.fetchCalls.every((call) => call.body.length <= 16384));
+  stream.close();
 });
