@@ -40,6 +40,10 @@
     this._path = query < 0 ? url : url.slice(0, query);
     this._query = query < 0 ? "" : url.slice(query + 1);
     this.userId = String(options.userId);
+    this._ackUrl = this._withQuery(
+      this._path + "/ack",
+      "userId=" + encodeURIComponent(this.userId)
+    );
     this.onmessage = options.onmessage || function () {};
     this.onopen = options.onopen || function () {};
     this.onerror = options.onerror || function () {};
@@ -191,9 +195,8 @@
 
   SidecarSSE.prototype._postAcks = function (ids) {
     var self = this;
-    var url = this._withQuery(this._path + "/ack", "userId=" + encodeURIComponent(this.userId));
     // text/plain keeps this a "simple" cross-origin request: no preflight per batch.
-    return global.fetch(url, {
+    return global.fetch(this._ackUrl, {
       method: "POST",
       headers: { "Content-Type": "text/plain" },
       body: JSON.stringify({ ids: ids }),
