@@ -220,6 +220,9 @@ def from_query(query: Mapping[str, str]) -> str:
     """Tock's PASSTHROUGH mode: the `userId` query parameter, or `userid` as tock-react-kit
     sends it. Anyone who knows a user id can act as that user."""
     user_id = query.get("userId") or query.get("userid")
+    if query.get("userid", user_id) != user_id:
+        # Which of two users would be a guess; an id checked below is one of them.
+        raise IdentityError(400, "invalid_user_id", "userId and userid name different users")
     if not user_id:
         raise IdentityError(400, "missing_user_id", "missing userId query parameter")
     if len(user_id) > MAX_USER_ID_LENGTH:

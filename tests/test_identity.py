@@ -208,6 +208,11 @@ def test_query_mode() -> None:
     for control in ("a\nb", "a\x00", "\x7f", "a\x85b"):
         assert refused(QUERY, view({"userId": control})).code == "invalid_user_id"
     assert resolve(QUERY, view({"userId": "josé ü 名前"})).user_id == "josé ü 名前"
+    # Both spellings: one user, or a 400 (not a guess, nor an unchecked second id).
+    assert resolve(QUERY, view({"userId": "al", "userid": "al"})).user_id == "al"
+    for other in ("bob", "u" * 513, ""):
+        refusal = refused(QUERY, view({"userId": "al", "userid": other}))
+        assert refusal.code == "invalid_user_id"
     # Other modes' credentials mean nothing here.
     cookie = [("Cookie", f"{COOKIE_NAME}=alice")]
     assert refused(QUERY, view(headers=cookie)).code == "missing_user_id"
