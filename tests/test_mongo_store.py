@@ -8,6 +8,7 @@ Runs against MONGODB_URI when set, else the session's mongo-java-server (tests/c
 from __future__ import annotations
 
 import datetime
+import functools
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,8 +27,10 @@ from sidecar.config import Settings
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, State, new_id
 from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
-from sidecar.store.mongo import COLLECTION, MongoStore
+from sidecar.store.documents import COLLECTION, DELIVERY
+from sidecar.store.mongo import MongoStore
 from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port, not_messages
+from tests.tock_documents import encoded_size, fixtures
 
 RawClient = pymongo.MongoClient[dict[str, Any]]
 
@@ -143,7 +146,7 @@ async def test_tock_written_document_comes_out_of_feed_and_pending(
     at = datetime.datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.UTC)
     enqueued_at = datetime.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=datetime.UTC)
     oid = ObjectId()
-    # Exactly what Tock's Kotlin ChannelMongoDAO inserts (a small Python int is an int32).
+    # BSON values with no JSON type of their own, as another writer may store them.
     tock_doc = {
         "_id": oid,
         "appId": "web",
@@ -200,47 +203,34 @@ async def test_documents_that_are_not_messages_are_skipped_and_pages_fill_past_t
             assert await store.get(str(doc["_id"])) is None
 
 
-async def test_saved_document_has_tocks_fields_and_types(
+async def test_saved_document_is_shaped_as_tock_26_writes_it(
     mongo_uri: str, db_name: str, raw: RawClient
 ) -> None:
+    tock = next(f for f in fixtures() if f.tock == "26.3.2")
     m = message()
+    coll = raw[db_name][COLLECTION]
     async with opened(mongo_uri, db_name) as store:
         await store.save([m])
+        saved = await trio.to_thread.run_sync(lambda: coll.find_one({"_id": m.id}))
         await store.mark_sent([m.id])
-    coll = raw[db_name][COLLECTION]
-    doc = await trio.to_thread.run_sync(lambda: coll.find_one({"_id": ObjectId(m.id)}))
-    assert doc is not None
-    assert set(doc) == {
-        "_id",
-        "appId",
-        "recipientId",
-        "webConnectorResponse",
-        "status",
-        "enqueuedAt",
-    }
-    assert doc["appId"] == "web"
-    assert doc["recipientId"] == "alice"
-    assert doc["webConnectorResponse"] == m.response
-    assert isinstance(doc["enqueuedAt"], datetime.datetime)
-    # status is stored as a BSON int32 (type 16), as the Kotlin DAO reads it.
-    int32 = await trio.to_thread.run_sync(
-        lambda: coll.count_documents({"_id": ObjectId(m.id), "status": {"$type": "int"}})
-    )
-    assert (doc["status"], int32) == (1, 1)
+        marked = await trio.to_thread.run_sync(lambda: coll.find_one({"_id": m.id}))
+    assert saved is not None
+    assert marked is not None
+    # Tock's fields, in Tock's order, with Tock's BSON types (a str `_id`, int32 status).
+    assert list(saved) == list(tock.document)
+    assert [type(v) for v in saved.values()] == [type(v) for v in tock.document.values()]
+    assert (saved["_id"], saved["webConnectorResponse"]) == (m.id, m.response)
+    assert (saved["status"], marked["status"]) == (0, 1)
+    assert type(marked["status"]) is int  # int32: PROCESSED to Tock, and the same size
+    assert encoded_size(marked) == encoded_size(saved)
 
 
-# -- (b) the only updates are upward `$set`s of `status` ------------------------------
+# -- (b) what the sidecar writes where -------------------------------------------------
 
 
-def _lower_than(condition: Any, target: int) -> bool:
-    if isinstance(condition, int):
-        return condition < target
-    if isinstance(condition, dict) and set(condition) == {"$lt"}:
-        return isinstance(condition["$lt"], int) and condition["$lt"] <= target
-    return False
-
-
-async def test_updates_set_only_status_upwards(mongo_uri: str, db_name: str) -> None:
+async def test_the_only_update_of_a_document_is_the_int32_sent_mark(
+    mongo_uri: str, db_name: str
+) -> None:
     commands = Commands()
     async with opened(mongo_uri, db_name, client_options={"event_listeners": [commands]}) as store:
         messages = [message() for _ in range(4)]
@@ -252,15 +242,23 @@ async def test_updates_set_only_status_upwards(mongo_uri: str, db_name: str) -> 
         assert await store.mark_sent([]) == 0
         assert await store.ack("web", "alice", []) == 0
 
-    assert commands.names() == {"update"}
-    updates = [u for cmd in commands.commands("update") for u in cmd["updates"]]
-    assert len(updates) == 3
-    for update, target in zip(updates, (1, 2, 2), strict=True):
-        assert update["u"] == {"$set": {"status": target}}
-        assert type(update["u"]["$set"]["status"]) is int
-        assert update.get("upsert", False) is False
-        assert update.get("multi") is True
-        assert _lower_than(update["q"]["status"], target), update["q"]
+    updates = [(cmd["update"], u) for cmd in commands.commands("update") for u in cmd["updates"]]
+    assert updates
+    for collection, update in updates:
+        if collection == COLLECTION:
+            # status int32 0 -> int32 1 and nothing else: Tock decodes it (PROCESSED) and a
+            # capped collection takes it (the size does not change).
+            assert update["u"] == {"$set": {"status": 1}}
+            assert type(update["u"]["$set"]["status"]) is int
+            assert update["q"]["status"] == {"$type": "int", "$eq": 0}
+            assert update.get("upsert", False) is False
+        else:  # what Tock's status cannot hold, in the sidecar's own collection
+            assert collection == DELIVERY
+            assert update["upsert"] is True
+            assert set(update["u"]) == {"$max", "$setOnInsert"}
+            assert update["u"]["$max"]["state"] in (1, 2)
+    assert {c["delete"] for c in commands.commands("delete")} <= {DELIVERY}
+    assert {c["insert"] for c in commands.commands("insert")} <= {DELIVERY}
 
 
 # -- (c) cancellation ----------------------------------------------------------------
@@ -464,9 +462,19 @@ async def test_missing_collection_gets_ttl_and_recipient_indexes(
         assert await store.eviction_headroom() is None
     indexes = await trio.to_thread.run_sync(_indexes, raw, db_name)
     keyed = {tuple(ix["key"].items()): ix for ix in indexes.values()}
-    ttl = keyed[(("enqueuedAt", 1),)]
+    ttl = keyed[(("enqueuedAt", -1),)]
     assert ttl["expireAfterSeconds"] == 7 * 86400
     assert (("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)) in keyed
+    # None with the keys of Tock's own ({appId, recipientId, status} and, with Tock's TTL,
+    # {enqueuedAt: 1}): Tock's index helper would drop it to make its own.
+    assert not keyed.keys() & {
+        (("appId", 1), ("recipientId", 1), ("status", 1)),
+        (("enqueuedAt", 1),),
+    }
+    delivery = await trio.to_thread.run_sync(
+        lambda: {tuple(ix["key"].items()): ix for ix in raw[db_name][DELIVERY].list_indexes()}
+    )
+    assert delivery[(("at", 1),)]["expireAfterSeconds"] == 7 * 86400
     assert any("is not capped" in r.getMessage() for r in caplog.records)
 
 
@@ -527,6 +535,28 @@ async def test_capped_collection_and_eviction_headroom(
         assert await store.ping() == {"kind": "mongodb", "capped": True, "evictionHeadroom": 8}
     finally:
         await store.aclose()
+
+
+async def test_headroom_counts_from_the_oldest_message_no_stream_had(
+    mongo_uri: str, db_name: str, raw: RawClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `evictionHeadroom` counts, on both id types and past documents whose SENT only
+    their delivery record holds (Tock 23.9's, without `status`), one page at a time."""
+    monkeypatch.setattr("sidecar.store.mongo.HEADROOM_PAGE", 1)
+    old, new = (next(f for f in fixtures() if f.tock == v) for v in ("23.9.0", "26.3.2"))
+    docs = [
+        old.renamed("alice", ObjectId("100000000000000000000001")).document,
+        new.renamed("alice", "100000000000000000000002").document,
+        old.renamed("bob", ObjectId("100000000000000000000003")).document,
+    ]
+    async with opened(mongo_uri, db_name) as store:
+        behind = functools.partial(trio.to_thread.run_sync, store._newer_than_oldest_unsent)
+        assert await behind() is None
+        await trio.to_thread.run_sync(raw[db_name][COLLECTION].insert_many, docs)
+        assert await behind() == 2
+        for doc, expected in zip(docs, (1, 0, None), strict=True):
+            assert await store.mark_sent([str(doc["_id"])]) == 1
+            assert await behind() == expected
 
 
 async def test_open_fails_fast_when_mongodb_is_unreachable() -> None:

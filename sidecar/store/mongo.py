@@ -1,14 +1,9 @@
-"""The MongoDB store, sharing Tock's `web_channel_event` collection field for field.
+"""The MongoDB store, on Tock's `web_channel_event` collection as Tock writes and reads it.
 
-Documents look exactly like the ones Tock's Kotlin `ChannelMongoDAO` writes:
-
-    {_id: ObjectId, appId: <connector id>, recipientId: str,
-     webConnectorResponse: {...}, status: int32 (0 ENQUEUED, 1 PROCESSED=SENT, 2 DELIVERED),
-     enqueuedAt: date}
-
-so Tock and the sidecar can write to, and read from, the same collection. The sidecar only
-ever inserts whole documents and `$set`s `status` to a higher value; it changes no other
-field and never moves a status backwards.
+`documents.py` owns the schema: which `_id` and `status` forms are read, the one update the
+sidecar makes in a document (`status` int32 0 -> int32 1, same size), and the collection
+`sidecar_delivery` that holds what Tock's `status` cannot (DELIVERED, and SENT for
+documents whose `status` is not int32 0). This module sends those queries and updates.
 
 pymongo's synchronous client does the I/O; every blocking call runs in a trio worker thread.
 The client has short timeouts so that, when MongoDB cannot be reached, every call raises
@@ -25,18 +20,14 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import trio
-from bson import ObjectId
-from bson.decimal128 import Decimal128
-from bson.errors import InvalidId
 from bson.timestamp import Timestamp
-from pymongo import ASCENDING, MongoClient, monitoring
+from pymongo import ASCENDING, MongoClient, UpdateOne, monitoring
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -53,14 +44,14 @@ from pymongo.write_concern import WriteConcern
 from sidecar.config import Settings
 from sidecar.protocol.delivery import Replay
 from sidecar.protocol.message import Message, State
+from sidecar.store import documents
 from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+from sidecar.store.documents import COLLECTION, DELIVERY, Document
 
 T = TypeVar("T")
-Document = dict[str, Any]
 
 log = logging.getLogger("sidecar.store.mongo")
 
-COLLECTION = "web_channel_event"
 DEFAULT_DATABASE = "tock_bot"
 DEFAULT_TTL_DAYS = 7.0
 
@@ -96,90 +87,24 @@ FEED_BACKOFF_FIRST = 0.1
 FEED_BACKOFF_MAX = 2.0
 # How often a waiting feed thread checks whether the trio side was cancelled.
 CANCEL_CHECK_INTERVAL = 0.1
+# Documents read at a time while looking for the oldest unsent message (capped headroom).
+HEADROOM_PAGE = 200
 # Without any better "now" from the server, start this many seconds back (repeats are fine).
 WALL_CLOCK_MARGIN = 3
 
 
-def _oid(value: str) -> ObjectId:
+def _int32_zero(status: object) -> bool:
+    # pymongo decodes int32 as int and int64 as its subclass Int64.
+    return type(status) is int and status == 0
+
+
+def _message(doc: Mapping[str, Any], delivery: Mapping[str, int]) -> Message | None:
+    """`doc` as a message, or None (logged) when it is not one a browser can be sent."""
     try:
-        return ObjectId(value)
-    except (InvalidId, TypeError):
-        raise ValueError(f"{value!r} is not a message id") from None
-
-
-def _oids(values: Sequence[str]) -> list[ObjectId]:
-    # An id that is not an ObjectId cannot match any stored message: drop it.
-    return [ObjectId(v) for v in values if ObjectId.is_valid(v)]
-
-
-def _utc(value: datetime.datetime) -> datetime.datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=datetime.UTC)
-    return value.astimezone(datetime.UTC)
-
-
-def _jsonable(value: Any) -> Any:
-    """BSON values as JSON-able Python: ObjectId -> hex, date -> ISO-8601 (UTC, ms).
-    TypeError or ValueError for a value JSON has nothing for (binary data, a regular
-    expression, code, NaN...): a browser could not parse the message."""
-    if isinstance(value, str | bool | None):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, ObjectId):
-        return str(value)
-    if isinstance(value, datetime.datetime):
-        return _utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    if isinstance(value, Decimal128):
-        return str(value)
-    if isinstance(value, int):
-        return int(value)  # Int64 -> int
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value} is not JSON")
-        return value
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def _document(message: Message) -> Document:
-    return {
-        "_id": ObjectId(message.id),
-        "appId": message.connector_id,
-        "recipientId": message.recipient_id,
-        "webConnectorResponse": message.response,
-        "status": int(message.state),  # a small int: encoded as int32, as Tock writes it
-        "enqueuedAt": message.enqueued_at,
-    }
-
-
-def message_from_document(doc: Mapping[str, Any]) -> Message:
-    """A stored document as a Message; KeyError/ValueError when it is not one."""
-    response = doc["webConnectorResponse"]
-    if not isinstance(response, Mapping):
-        raise ValueError("webConnectorResponse is not a document")
-    enqueued_at = doc.get("enqueuedAt")
-    return Message(
-        id=str(doc["_id"]),
-        connector_id=str(doc["appId"]),
-        recipient_id=str(doc["recipientId"]),
-        response=_jsonable(response),
-        state=State(int(doc.get("status", 0))),
-        enqueued_at=_utc(enqueued_at)
-        if isinstance(enqueued_at, datetime.datetime)
-        else datetime.datetime.now(datetime.UTC),
-    )
-
-
-def _messages(docs: Sequence[Mapping[str, Any]]) -> list[Message]:
-    messages = []
-    for doc in docs:
-        try:
-            messages.append(message_from_document(doc))
-        except (KeyError, ValueError, TypeError) as exc:
-            log.warning("skipping malformed %s document %r: %r", COLLECTION, doc.get("_id"), exc)
-    return messages
+        return documents.to_message(doc, delivery)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("skipping malformed %s document %r: %r", COLLECTION, doc.get("_id"), exc)
+        return None
 
 
 def _is_unavailable(exc: PyMongoError) -> bool:
@@ -252,6 +177,7 @@ class MongoStore:
     ) -> None:
         self._client = client
         self._collection = collection
+        self._delivery = collection.database[DELIVERY]
         self._inserts = collection.with_options(write_concern=INSERT_WRITE_CONCERN)
         self._connector_ids = list(connector_ids)
         self.capped = capped
@@ -284,6 +210,7 @@ class MongoStore:
                 else:
                     db = client.get_default_database(DEFAULT_DATABASE)
                 capped = _ensure_collection(db, settings)
+                _ensure_delivery(db, settings)
                 store = cls(client, db[COLLECTION], [c.id for c in settings.connectors], capped)
                 store._change_streams = opens
                 return store
@@ -317,7 +244,7 @@ class MongoStore:
         they are (a retried save succeeds). MongoDB has no all-or-none here without a
         transaction: on StoreUnavailable some may be stored, and the retry inserts the
         rest."""
-        docs = [_document(m) for m in messages]
+        docs = [documents.to_document(m) for m in messages]
         if not docs:
             return
 
@@ -334,85 +261,161 @@ class MongoStore:
 
         await self._run(save)
 
+    def _delivery_of(self, docs: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """The `sidecar_delivery` records of `docs` (in a worker thread)."""
+        ids = [i for i in (documents.message_id(d.get("_id")) for d in docs) if i is not None]
+        if not ids:
+            return {}
+        found = self._delivery.find({"_id": {"$in": ids}}, projection={"state": 1})
+        return documents.delivery_states(found)
+
+    def _page(self, query: Document, after: str | None, limit: int) -> tuple[list[Document], bool]:
+        """Up to `limit` documents matching `query` with a message id after `after`, in id
+        order across both id types (in a worker thread); and whether more may follow."""
+        pages = [
+            list(
+                self._collection.find({"$and": [query, documents.id_filter(kind, gt=after)]})
+                .sort("_id", ASCENDING)
+                .limit(limit)
+            )
+            for kind in documents.ID_KINDS
+        ]
+        return documents.merge_by_id(pages, limit)
+
     async def pending(
         self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
     ) -> list[Message]:
-        query: Document = {"appId": connector_id, "recipientId": recipient_id}
+        # The query finds every document `replay` may select by its `status`; the delivery
+        # records then decide (`Replay.selects` on the state `documents.state_of` gives).
+        unsent = documents.status_forms(State.ENQUEUED)
         if not replay.sent:
-            query["status"] = int(State.ENQUEUED)
+            forms = unsent
         elif replay.sent_after is None:
-            query["status"] = {"$lt": int(State.DELIVERED)}
+            forms = documents.status_forms(State.ENQUEUED, State.SENT)
         else:
-            query["$or"] = [
-                {"status": int(State.ENQUEUED)},
-                {"status": int(State.SENT), "_id": {"$gt": _oid(replay.sent_after)}},
+            sent_after = [
+                documents.id_filter(kind, gt=replay.sent_after) for kind in documents.ID_KINDS
             ]
-        if after is not None:
-            query["_id"] = {"$gt": _oid(after)}
+            sent = documents.status_forms(State.SENT)
+            forms = [*unsent, *({**form, "$or": sent_after} for form in sent)]
+        query: Document = {"appId": connector_id, "recipientId": recipient_id, "$or": forms}
 
-        # Documents that are not messages are skipped, and the page is filled past them:
-        # fewer than `limit` must mean there are no more.
-        def find(count: int) -> list[Document]:
-            return list(self._collection.find(query).sort("_id", ASCENDING).limit(count))
+        def page(after: str | None, wanted: int) -> tuple[list[Document], bool, dict[str, int]]:
+            docs, more = self._page(query, after, wanted)
+            return docs, more, self._delivery_of(docs)
 
+        # Documents that are not messages, or that their delivery records leave out, are
+        # skipped, and the page is filled past them: fewer than `limit` must mean no more.
         messages: list[Message] = []
         while True:
-            wanted = limit - len(messages)
-            docs = await self._run(functools.partial(find, wanted))
-            messages += _messages(docs)
-            if len(docs) < wanted or len(messages) == limit:
+            docs, more, delivery = await self._run(
+                functools.partial(page, after, limit - len(messages))
+            )
+            for doc in docs:
+                message = _message(doc, delivery)
+                if message is not None and replay.selects(message.state, message.id):
+                    messages.append(message)
+            if not more or len(messages) == limit:
                 return messages
-            query["_id"] = {"$gt": docs[-1]["_id"]}
+            after = str(docs[-1]["_id"])
 
-    async def _set_status(self, query: Document, status: State) -> int:
-        # The only write besides inserts: `status` alone, and only upwards (callers filter
-        # on a lower current status), so a Tock instance sharing the collection never sees
-        # another field change or a status go back.
-        update = {"$set": {"status": int(status)}}
-        result = await self._run(lambda: self._collection.update_many(query, update))
-        return result.modified_count
+    def _move(self, docs: Sequence[Mapping[str, Any]], state: State) -> int:
+        """Record `state` for `docs`, messages in a lower state (in a worker thread): SENT
+        in the document itself where its `status` is int32 0 (DELIVERED implies it), and
+        in `sidecar_delivery` for DELIVERED and for the documents whose `status` cannot be
+        written. Returns how many moved."""
+        in_place = [d["_id"] for d in docs if _int32_zero(d.get("status"))]
+        marked = 0
+        if in_place:
+            marked = self._collection.update_many(
+                {"_id": {"$in": in_place}, **documents.SENT_MARK_FILTER}, documents.SENT_MARK
+            ).modified_count
+        recorded = [d for d in docs if state == State.DELIVERED or d["_id"] not in in_place]
+        if not recorded:
+            return marked
+        now = datetime.datetime.now(datetime.UTC)
+        writes = [
+            UpdateOne(*documents.delivery_update(d, state, now), upsert=True) for d in recorded
+        ]
+        try:
+            result = self._delivery.bulk_write(writes, ordered=False)
+            moved = result.upserted_count + result.modified_count
+        except BulkWriteError as exc:
+            # Two writers upserting one record at once: one insert loses; retry it as an
+            # update of the record the other made.
+            details = exc.details
+            if any(e.get("code") != DUPLICATE_KEY for e in details.get("writeErrors", ())):
+                raise
+            moved = details.get("nUpserted", 0) + details.get("nModified", 0)
+            again = self._delivery.bulk_write(
+                [writes[e["index"]] for e in details["writeErrors"]], ordered=False
+            )
+            moved += again.upserted_count + again.modified_count
+        return moved if state == State.DELIVERED else moved + marked
+
+    def _still(self, query: Document, states: tuple[State, ...]) -> list[Document]:
+        """The message documents matching `query` whose state is one of `states` (in a
+        worker thread)."""
+        docs = list(
+            self._collection.find(query, projection={"appId": 1, "recipientId": 1, "status": 1})
+        )
+        delivery = self._delivery_of(docs)
+        return [d for d in docs if documents.state_of(d, delivery) in states]
 
     async def mark_sent(self, ids: Sequence[str]) -> int:
-        oids = _oids(ids)
-        if not oids:
+        values = documents.id_values(ids)
+        if not values:
             return 0
-        return await self._set_status(
-            {"_id": {"$in": oids}, "status": int(State.ENQUEUED)}, State.SENT
-        )
+
+        def mark() -> int:
+            # Most documents hold int32 0: one update, as Tock's own mark is.
+            marked = self._collection.update_many(
+                {"_id": {"$in": values}, **documents.SENT_MARK_FILTER}, documents.SENT_MARK
+            ).modified_count
+            if marked == len(values) // 2:
+                return marked
+            rest = self._still(
+                {"_id": {"$in": values}, "$or": documents.status_forms(State.ENQUEUED)},
+                (State.ENQUEUED,),
+            )
+            return marked + self._move(rest, State.SENT)
+
+        return await self._run(mark)
 
     async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
-        oids = _oids(ids)
-        if not oids:
+        values = documents.id_values(ids)
+        if not values:
             return 0
-        return await self._set_status(
-            {
-                "appId": connector_id,
-                "recipientId": recipient_id,
-                "_id": {"$in": oids},
-                "status": {"$lt": int(State.DELIVERED)},
-            },
-            State.DELIVERED,
+        query = {"appId": connector_id, "recipientId": recipient_id, "_id": {"$in": values}}
+        return await self._run(
+            lambda: self._move(self._still(query, (State.ENQUEUED, State.SENT)), State.DELIVERED)
         )
 
     async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
-        return await self._set_status(
-            {
-                "appId": connector_id,
-                "recipientId": recipient_id,
-                "status": int(State.SENT),
-                "_id": {"$lte": _oid(last_event_id)},
-            },
-            State.DELIVERED,
+        through = [documents.id_filter(kind, lte=last_event_id) for kind in documents.ID_KINDS]
+        query = {
+            "appId": connector_id,
+            "recipientId": recipient_id,
+            "$and": [
+                {"$or": through},
+                {"$or": documents.status_forms(State.ENQUEUED, State.SENT)},
+            ],
+        }
+        return await self._run(
+            lambda: self._move(self._still(query, (State.SENT,)), State.DELIVERED)
         )
 
     async def get(self, message_id: str) -> Message | None:
-        if not ObjectId.is_valid(message_id):
+        values = documents.id_values([message_id])
+        if not values:
             return None
-        doc = await self._run(lambda: self._collection.find_one({"_id": ObjectId(message_id)}))
-        if doc is None:
-            return None
-        found = _messages([doc])
-        return found[0] if found else None
+
+        def get() -> tuple[Document | None, dict[str, int]]:
+            doc = self._collection.find_one({"_id": {"$in": values}})
+            return doc, self._delivery_of([doc] if doc is not None else [])
+
+        doc, delivery = await self._run(get)
+        return None if doc is None else _message(doc, delivery)
 
     async def ping(self) -> dict[str, Any]:
         """Also says whether the collection is capped and, when it is, how many inserts the
@@ -424,10 +427,11 @@ class MongoStore:
         return details
 
     async def eviction_headroom(self) -> int | None:
-        """For a capped collection, how many more inserts the oldest undelivered message
-        survives before the collection evicts it (the limit when nothing is undelivered);
-        None when the collection is not capped. Approximate: capped collections evict in
-        insertion order, counted here in id order. Raises StoreUnavailable."""
+        """For a capped collection, how many more inserts the oldest message not yet
+        written to any stream (ENQUEUED) survives before the collection evicts it (the
+        limit when there is none); None when the collection is not capped. Approximate:
+        capped collections evict in insertion order, counted here in id order. Raises
+        StoreUnavailable."""
         if not self.capped:
             return None
 
@@ -445,17 +449,30 @@ class MongoStore:
                 limits.append(int(options["size"]) // int(stats["avgObjSize"]))
             if not limits:
                 return None
-            limit = min(limits)
-            oldest = coll.find_one(
-                {"status": {"$lt": int(State.DELIVERED)}},
-                projection={"_id": 1},
-                sort=[("_id", ASCENDING)],
-            )
-            if oldest is None:
-                return limit
-            return limit - coll.count_documents({"_id": {"$gte": oldest["_id"]}})
+            behind = self._newer_than_oldest_unsent()
+            return min(limits) if behind is None else min(limits) - 1 - behind
 
         return await self._run(headroom)
+
+    def _newer_than_oldest_unsent(self) -> int | None:
+        """How many message documents have an id after the oldest one no stream was written
+        (ENQUEUED); None when there is none (in a worker thread)."""
+        unsent = {"$or": documents.status_forms(State.ENQUEUED)}
+        after: str | None = None
+        while True:  # past documents that only their delivery records say were sent
+            docs, more = self._page(unsent, after, HEADROOM_PAGE)
+            delivery = self._delivery_of(docs)
+            oldest = next(
+                (d for d in docs if documents.state_of(d, delivery) == State.ENQUEUED), None
+            )
+            if oldest is not None:
+                since = [
+                    documents.id_filter(kind, gt=str(oldest["_id"])) for kind in documents.ID_KINDS
+                ]
+                return self._collection.count_documents({"$or": since})
+            if not more:
+                return None
+            after = str(docs[-1]["_id"])
 
     @property
     def feed_resumes(self) -> int:
@@ -623,8 +640,9 @@ class MongoStore:
                         _pause(FEED_EMPTY_PAUSE)
                     continue
                 document = change.get("fullDocument")
-                messages = _messages([document]) if isinstance(document, Mapping) else []
-                for message in messages:
+                # A new document has no delivery record yet.
+                message = _message(document, {}) if isinstance(document, Mapping) else None
+                if message is not None:
                     trio.from_thread.run(send.send, message)
         finally:
             _close_quietly(current)
@@ -683,18 +701,41 @@ def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
     return capped
 
 
-def _create_indexes(collection: Collection[Document], settings: Settings) -> None:
+def _ttl_seconds(settings: Settings) -> int | None:
     ttl_days = DEFAULT_TTL_DAYS if settings.queue_ttl_days is None else settings.queue_ttl_days
+    return int(ttl_days * 86400) if ttl_days > 0 else None
+
+
+def _create_indexes(collection: Collection[Document], settings: Settings) -> None:
+    """The indexes of a `web_channel_event` the sidecar created. None has the keys of one of
+    Tock's (`{appId, recipientId, status}`, `{enqueuedAt: 1}` with Tock's TTL), whose index
+    helper would drop it and make its own: the TTL index is on `{enqueuedAt: -1}`, so when
+    Tock adds its own, both apply and the shorter time wins."""
     specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         ([("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)], {})
     ]
+    ttl = _ttl_seconds(settings)
     # MongoDB refuses TTL indexes on capped collections; the cap bounds those instead.
-    if ttl_days > 0 and not settings.mongo_capped:
-        specs.append(([("enqueuedAt", 1)], {"expireAfterSeconds": int(ttl_days * 86400)}))
+    if ttl is not None and not settings.mongo_capped:
+        specs.append(([("enqueuedAt", -1)], {"expireAfterSeconds": ttl}))
+    _ensure_indexes(collection, specs)
+
+
+def _ensure_delivery(db: Database[Document], settings: Settings) -> None:
+    """`sidecar_delivery`'s TTL index: a record goes when its message would (with no TTL,
+    records stay as long as the messages may)."""
+    ttl = _ttl_seconds(settings)
+    if ttl is not None:
+        _ensure_indexes(db[DELIVERY], [([("at", 1)], {"expireAfterSeconds": ttl})])
+
+
+def _ensure_indexes(
+    collection: Collection[Document], specs: list[tuple[list[tuple[str, int]], dict[str, Any]]]
+) -> None:
     for keys, extra in specs:
         try:
             collection.create_index(keys, **extra)
         except OperationFailure as exc:
             if exc.code not in INDEX_CONFLICTS:
                 raise
-            log.warning("index %s on %s exists with other options: kept", keys, COLLECTION)
+            log.warning("index %s on %s exists with other options: kept", keys, collection.name)
