@@ -22,7 +22,8 @@ def send(url: str, token: str, connector: str, recipient: str, text: str) -> str
     body = {
         "connectorId": connector,
         "recipientId": recipient,
-        "response": {"responses": [{"text": text}]},
+        # Tock's shape: the send API on MongoDB takes only what Tock can decode.
+        "response": {"responses": [{"type": "WebMessage", "text": text, "version": "1"}]},
     }
     headers = {"Content-Type": "application/json"}
     if token:

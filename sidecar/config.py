@@ -187,6 +187,14 @@ def _cookie_path(value: str) -> str | None:
     return value or None
 
 
+def _response_schema(value: str) -> str | None:
+    """Empty: `tock` on MongoDB (Tock may decode what is stored), `any` on SQLite."""
+    lowered = value.strip().lower()
+    if lowered not in ("", "tock", "any"):
+        raise ValueError(f"expected tock or any, got {value!r}")
+    return lowered or None
+
+
 def _log_format(value: str) -> str:
     lowered = value.strip().lower()
     if lowered not in ("json", "text"):
@@ -255,6 +263,9 @@ OPTIONS: tuple[Option, ...] = (
            ("tock_bot_mongo_db",)),
     Option("mongo_capped", "SIDECAR_MONGO_CAPPED", "false", _bool,
            "create a missing web_channel_event collection capped, as Tock does"),
+    Option("response_schema", "SIDECAR_RESPONSE_SCHEMA", "", _response_schema,
+           "tock: the send API refuses a response Tock could not decode; any: any JSON object"
+           " (empty: tock on MongoDB, any on SQLite)"),
     Option("replay_sent", "SIDECAR_REPLAY_SENT", "false", _bool,
            "replay SENT messages to clients that send no Last-Event-ID"),
     Option("stream_buffer", "SIDECAR_STREAM_BUFFER", "256", _positive_int,
@@ -317,6 +328,7 @@ class Settings:
     queue_max_size_kb: int | None
     mongo_database: str | None
     mongo_capped: bool
+    response_schema: str | None
     replay_sent: bool
     stream_buffer: int
     replay_page: int
@@ -359,6 +371,13 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{source}: {_one_line(str(exc))}") from None
         return cls(**values)
+
+    @property
+    def tock_responses(self) -> bool:
+        """Whether the send API takes only responses Tock can decode (`protocol/tock.py`)."""
+        if self.response_schema is None:
+            return self.store.startswith("mongodb")
+        return self.response_schema == "tock"
 
     def connector(self, connector_id: str) -> Connector | None:
         for connector in self.connectors:

@@ -128,6 +128,7 @@ def test_flag_beats_env_for_unaliased_settings(name: str) -> None:
         "max_batch_bytes": ("7", "8"),
         "mongo_capped": ("yes", "no"),
         "replay_sent": ("on", "off"),
+        "response_schema": ("tock", "any"),
         "stream_buffer": ("7", "8"),
         "replay_page": ("7", "8"),
         "shutdown_seconds": ("7", "8"),
@@ -290,10 +291,27 @@ BAD_VALUES = [
     ("cookie_max_age", ["0", "x", "1.5"]),
     ("cookie_path", ["a", "/a;b", "/a b", "/\u00e9", "/a,b"]),
     ("demo", ["maybe", "2"]),
+    ("response_schema", ["json", "TOCKS", "none"]),
     ("send_token", [" tok", "tok ", "s\u00e9cret", "a\tb", "a b\n"]),
 ]  # fmt: skip
 
 BAD = [(name, value) for name, values in BAD_VALUES for value in values]
+
+
+@pytest.mark.parametrize(
+    ("store", "value", "expected"),
+    [
+        ("sqlite:///x.db", "", False),
+        ("mongodb://db", "", True),
+        ("mongodb://db", "any", False),
+        ("sqlite:///x.db", "TOCK", True),
+    ],
+)
+def test_the_response_check_defaults_to_tock_on_mongodb(
+    store: str, value: str, expected: bool
+) -> None:
+    env = {"SIDECAR_STORE": store, "SIDECAR_RESPONSE_SCHEMA": value}
+    assert Settings.load(env).tock_responses is expected
 
 
 def test_bad_values_cover_every_option() -> None:

@@ -6,7 +6,6 @@ its own, with a real HTTP client.
 
 from __future__ import annotations
 
-import datetime
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,7 @@ from bson import ObjectId
 from sidecar.protocol import sse
 from tests.mongo_harness import MongoJavaServer, not_messages
 from tests.sidecar_harness import SidecarProcess, SseClient, spawn_sidecar
+from tests.tock_documents import fixtures, tock_text
 
 NOTHING_SEEN = "0" * 24
 
@@ -69,10 +69,15 @@ async def stream(
             yield sse_client
 
 
+def response(**fields: Any) -> dict[str, Any]:
+    """A response Tock decodes (the send API on MongoDB takes no other), naming `fields`."""
+    return tock_text(json.dumps(fields))
+
+
 async def send(client: httpx.AsyncClient, sidecar: SidecarProcess, user: str, **body: Any) -> str:
     reply = await client.post(
         f"{sidecar.send_url}/v1/send",
-        json={"connectorId": "web", "recipientId": user, "response": body or {"t": 1}},
+        json={"connectorId": "web", "recipientId": user, "response": response(**body)},
     )
     assert reply.status_code == 202, reply.text
     message_id: str = reply.json()["id"]
@@ -115,51 +120,25 @@ async def test_a_document_written_by_tock_is_delivered_and_replayed(
 ) -> None:
     raw: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongodb_server, tz_aware=True)
     collection = raw[db_name]["web_channel_event"]
-    enqueued_at = datetime.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.UTC)
-    inner = ObjectId()
-
-    def tock_document(recipient: str) -> dict[str, Any]:
-        # What Tock's Kotlin ChannelMongoDAO.save writes for a WebConnectorResponse.
-        return {
-            "_id": ObjectId(),
-            "appId": "web",
-            "recipientId": recipient,
-            "webConnectorResponse": {
-                "responses": [{"text": "from Tock", "buttons": [], "ref": inner}],
-                "metadata": {"at": enqueued_at},
-            },
-            "status": 0,  # BSON int32, as Kotlin's Int
-            "enqueuedAt": enqueued_at,
-        }
-
-    expected = {
-        "responses": [{"text": "from Tock", "buttons": [], "ref": str(inner)}],
-        "metadata": {"at": "2026-01-02T03:04:05.678Z"},
-    }
+    # As Tock 26.3.2 and 23.9.0 stored them (tests/tock_documents.py).
+    by_version = {f.tock: f for f in fixtures() if f.case == "buttons: postback, url, quick reply"}
     try:
         async with (
             instances(mongodb_server, db_name, 1) as (sidecar,),
             httpx.AsyncClient(timeout=10) as client,
         ):
-            async with stream(client, sidecar, "tockuser") as live:
-                doc = tock_document("tockuser")
-                await trio.to_thread.run_sync(collection.insert_one, doc)
-                event = await live.next_message()
-                assert event.id == str(doc["_id"])
-                assert json.loads(event.data) == expected
-                assert event.data == sse.dumps(expected)
-                with trio.fail_after(10):
-                    while (await trio.to_thread.run_sync(collection.find_one, doc["_id"]))[
-                        "status"
-                    ] != 1:
-                        await trio.sleep(0.05)
+            for version, fixture in by_version.items():
+                live = fixture.renamed(f"live-{version}")
+                async with stream(client, sidecar, live.recipient) as events:
+                    await trio.to_thread.run_sync(collection.insert_one, live.document)
+                    event = await events.next_message()
+                    assert (event.id, event.data) == (live.id, sse.dumps(live.response))
 
-            offline = tock_document("offline")
-            await trio.to_thread.run_sync(collection.insert_one, offline)
-            async with stream(client, sidecar, "offline") as later:
-                event = await later.next_message()
-                assert event.id == str(offline["_id"])
-                assert json.loads(event.data) == expected
+                offline = fixture.renamed(f"offline-{version}", ObjectId())
+                await trio.to_thread.run_sync(collection.insert_one, offline.document)
+                async with stream(client, sidecar, offline.recipient) as later:
+                    event = await later.next_message()
+                    assert (event.id, event.data) == (offline.id, sse.dumps(offline.response))
     finally:
         raw.close()
 
@@ -268,7 +247,7 @@ async def test_mongodb_restart_under_load(tmp_path: Path) -> None:
                 nonlocal refused
                 n = 0
                 while not stop.is_set():
-                    body = {"connectorId": "web", "recipientId": "lee", "response": {"n": n}}
+                    body = {"connectorId": "web", "recipientId": "lee", "response": response(n=n)}
                     reply = await client.post(f"{sender.send_url}/v1/send", json=body)
                     if reply.status_code == 202:
                         accepted.append(reply.json()["id"])

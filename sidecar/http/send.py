@@ -44,6 +44,7 @@ from sidecar.http.common import (
 from sidecar.hub import Hub
 from sidecar.identity import MAX_USER_ID_LENGTH, has_control_characters
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.protocol import tock
 from sidecar.protocol.message import Message, new_id
 from sidecar.protocol.sse import dumps
 from sidecar.store.base import Store, StoreUnavailable
@@ -84,6 +85,15 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
         raise ApiError(400, "invalid_field", f"{where}recipientId has control characters")
     if not isinstance(response, dict):
         raise ApiError(400, "invalid_field", f"{where}response must be a JSON object")
+    if settings.tock_responses:
+        try:
+            tock.check(response)
+        except tock.NotDecodable as exc:
+            raise ApiError(
+                400,
+                "invalid_response",
+                f"{where}{exc}, or Tock cannot decode it (SIDECAR_RESPONSE_SCHEMA=tock)",
+            ) from None
     if settings.connector(connector_id) is None:
         raise ApiError(404, "unknown_connector", f"{where}no connector {connector_id!r}")
     try:

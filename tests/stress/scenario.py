@@ -38,6 +38,7 @@ from tests.stress.harness import (
     rss_bytes,
     settle,
 )
+from tests.tock_documents import tock_text
 
 PATH = "/io/app/web/sse"
 
@@ -72,7 +73,7 @@ async def warm_up(sidecar: Sidecar) -> None:
     sender = await HttpConnection.open(sidecar.send_url)
     try:
         for n in range(3):
-            body = {"connectorId": "web", "recipientId": "warm-up", "response": {"n": n}}
+            body = {"connectorId": "web", "recipientId": "warm-up", "response": tock_text(str(n))}
             status, _ = await sender.post_json("/v1/send", body)
             assert status == 202
         with trio.move_on_after(5):
@@ -126,7 +127,7 @@ async def exercise(
                     {
                         "connectorId": "web",
                         "recipientId": local.choice(api_users),
-                        "response": {"responses": [{"text": f"api {sent + i}"}]},
+                        "response": tock_text(f"api {sent + i}"),
                     }
                     for i in range(size)
                 ]
