@@ -84,8 +84,12 @@ async def state(sidecar: Sidecar, message_id: str) -> State | None:
 
 
 async def until_state(sidecar: Sidecar, ids: list[str], wanted: State) -> None:
+    """Until every one of `ids` is in state `wanted` or a later one."""
     with trio.fail_after(10):
-        while [await state(sidecar, i) for i in ids] != [wanted] * len(ids):
+        while True:
+            states = [await state(sidecar, i) for i in ids]
+            if all(s is not None and s >= wanted for s in states):
+                return
             await trio.sleep(0.02)
 
 
@@ -211,6 +215,15 @@ async def test_reconnects_with_the_last_id_replay_nothing_twice(
                     assert event.id is not None
                     seen.append(event.id)
             last = seen[-1]
+            # Two things this instance does in the background must be done first (issue
+            # #13 takes both away): the SENT marks (a reconnect replays what is still
+            # ENQUEUED whatever its id), and the feed's report of the insert (a stream that
+            # had it by replay does not stop the next one from getting it live again).
+            await until_state(car, seen, State.SENT)
+            registry = car.running.hub.metrics.registry
+            with trio.fail_after(10):
+                while registry.get_sample_value("sidecar_feed_events_total") < len(seen) - 7:
+                    await trio.sleep(0.02)
             await documents.check()
     assert seen == [f.id for f in every]
 
