@@ -182,13 +182,14 @@ class InstrumentedStore:
         self._metrics = metrics
         self._errors = {op: metrics.store_errors.labels(op) for op in STORE_OPERATIONS}
 
-    async def save(self, messages: Sequence[Message]) -> None:
+    async def save(self, messages: Sequence[Message]) -> list[str]:
         try:
-            await self._store.save(messages)
+            stored = await self._store.save(messages)
         except StoreUnavailable:
             self._errors["save"].inc()
             raise
-        self._metrics.enqueued.inc(len(messages))
+        self._metrics.enqueued.inc(len(messages) - len(stored))
+        return stored
 
     async def pending(
         self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int

@@ -76,16 +76,16 @@ async def test_metrics_follow_a_message_from_send_to_ack(sidecar: Sidecar, tmp_p
         assert value(samples, "sidecar_messages_total", transition="enqueued") == 1
         assert value(samples, "sidecar_send_to_first_write_seconds_count") == 1
         assert value(samples, "sidecar_send_to_first_write_seconds_sum") < 5
-        # The feed leaves out this instance's own saves; another writer's reach it.
-        assert value(samples, "sidecar_feed_events_total") == 0
+        # The feed yields this instance's own saves too, logged; another writer's as well.
+        assert value(samples, "sidecar_feed_events_total") == 1
         other = await SqliteStore.open(str(tmp_path / "sidecar.db"))
         try:
             await other.save([Message(IdGenerator()(), "web", "alice", {"from": "other"})])
         finally:
             await other.aclose()
         await client.next_message()
-        samples = await wait_for_metric(sidecar, "sidecar_feed_events_total", 1)
-        assert value(samples, "sidecar_feed_lag_seconds_count") == 1
+        samples = await wait_for_metric(sidecar, "sidecar_feed_events_total", 2)
+        assert value(samples, "sidecar_feed_lag_seconds_count") == 2
 
         reply = await sidecar.client.post(
             f"{sidecar.public}/io/app/web/sse/ack?userId=alice", json={"ids": [message_id]}

@@ -49,6 +49,13 @@ async def test_save_is_idempotent_by_id(store: Store) -> None:
     assert got.state == State.SENT
 
 
+async def test_save_returns_the_ids_it_had_already(store: Store) -> None:
+    a, b = msg(), msg()
+    assert await store.save([a]) == []
+    assert await store.save([b, a]) == [a.id]
+    assert await store.save([a, b]) == [a.id, b.id]
+
+
 async def test_pending_selects_by_recipient_and_connector_in_id_order(store: Store) -> None:
     mine = [msg() for _ in range(5)]
     others = [msg("bob"), msg(connector="other")]

@@ -157,7 +157,7 @@ async def test_live_message_the_replay_leaves_out_still_comes_before_later_ids(
     await store.ack_through(*KEY, first.id)
 
     async def dispatch_the_first(page: list[Message]) -> None:
-        assert page == [dataclasses.replace(second)]
+        assert [m.id for m in page] == [second.id]
         assert hub.dispatch(first) == 1
 
     store.on_pending = dispatch_the_first

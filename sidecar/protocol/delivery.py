@@ -9,6 +9,7 @@ tests hold every store to.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 from sidecar.protocol.message import State
 
@@ -48,3 +49,30 @@ class Replay:
         if state == State.SENT and self.sent:
             return self.sent_after is None or message_id > self.sent_after
         return False
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in a user's log: messages numbered 1, 2, ... without gap within an epoch,
+    the same on every instance (docs/delivery.md). Seq 0 is before the first message."""
+
+    epoch: int
+    seq: int
+
+
+class Step(enum.Enum):
+    """What a stream at some position does with a message of its user's log."""
+
+    DROP = "drop"  # at or before the position: written already, or older than the tab
+    WRITE = "write"  # the next one
+    GAP = "gap"  # later than the next: read the ones in between from the store first
+    NEW_LOG = "new log"  # another epoch: the log started anew; read it from its start
+
+
+def step(position: Position, epoch: int, seq: int) -> Step:
+    """The stream rule: a stream writes each seq of its user's log once, in order."""
+    if epoch != position.epoch:
+        return Step.NEW_LOG
+    if seq <= position.seq:
+        return Step.DROP
+    return Step.WRITE if seq == position.seq + 1 else Step.GAP

@@ -38,6 +38,9 @@ class Message:
     enqueued_at: datetime.datetime = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC)
     )
+    # Its place in its user's log (`protocol/delivery.py`); 0 until the store logged it.
+    epoch: int = 0
+    seq: int = 0
 
     @property
     def key(self) -> tuple[str, str]:

@@ -32,9 +32,10 @@ FeedItem = Message | HistoryLost
 
 
 class Store(Protocol):
-    async def save(self, messages: Sequence[Message]) -> None:
-        """Store `messages` durably, all or none, before returning. Saving an id that is
-        already stored is not an error and changes nothing (a retried save succeeds).
+    async def save(self, messages: Sequence[Message]) -> list[str]:
+        """Store `messages` durably, all or none, before returning the ids among them that
+        were stored already. Saving an id that is already stored is not an error and
+        changes nothing (a retried save succeeds).
         Cancelled, it either stores nothing and raises, or returns once they are stored:
         the send API dispatches what a save that returned stored."""
 

@@ -239,27 +239,29 @@ class MongoStore:
 
         return await trio.to_thread.run_sync(guarded)
 
-    async def save(self, messages: Sequence[Message]) -> None:
-        """Insert `messages` with write concern majority. Ids already stored are left as
-        they are (a retried save succeeds). MongoDB has no all-or-none here without a
-        transaction: on StoreUnavailable some may be stored, and the retry inserts the
-        rest."""
+    async def save(self, messages: Sequence[Message]) -> list[str]:
+        """Insert `messages` with write concern majority, in order. Ids already stored are
+        left as they are (a retried save succeeds) and returned. MongoDB has no all-or-none
+        here without a transaction: on StoreUnavailable some may be stored, and the retry
+        inserts the rest."""
         docs = [documents.to_document(m) for m in messages]
         if not docs:
-            return
+            return []
 
-        def save() -> None:
+        def save() -> list[str]:
             try:
                 self._inserts.insert_many(docs, ordered=False)
             except BulkWriteError as exc:
                 details = exc.details
-                others = [
-                    e for e in details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
-                ]
-                if others or details.get("writeConcernErrors"):
+                errors = details.get("writeErrors", [])
+                if details.get("writeConcernErrors") or any(
+                    e.get("code") != DUPLICATE_KEY for e in errors
+                ):
                     raise
+                return [docs[e["index"]]["_id"] for e in errors]
+            return []
 
-        await self._run(save)
+        return await self._run(save)
 
     def _delivery_of(self, docs: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         """The `sidecar_delivery` records of `docs` (in a worker thread)."""

@@ -21,11 +21,16 @@ Tock's capped collection; a trigger of this connection deletes them inside the i
 when set, none older than `ttl_days`. A save of one message is one statement (in
 autocommit mode a statement is its own durable transaction).
 
-The feed polls for rows added since it last looked, so several processes may share one
-file. It skips the rows this store committed itself: the instance dispatched those already,
-and reading them back would cost a JSON parse each. Their sequence numbers are recorded in
-the commit's own batch and read in the feed's (batches run one at a time), so the feed
-never sees a row of this store's before its range is recorded.
+Each user's log (docs/delivery.md) is numbered in the insert itself (`user_seq`, in the
+epoch `log_epoch` of the user's newest row, or 1 in a new epoch): SQLite commits one writer
+at a time, so the numbers follow the commit order, whichever process commits.
+
+The feed yields every message committed from its start, in commit order: this store's own
+at once, kept from their commit (reading them back would cost a JSON parse each), and the
+rows other processes sharing the file commit, polled for every `FEED_INTERVAL` and read
+at once where they fall between this store's own. Own commits' sequence numbers are
+recorded in the commit's own batch and read in the feed's (batches run one at a time), so
+the feed never mistakes a row of this store's for another writer's.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +49,7 @@ from typing import Any, TypeVar, cast
 
 import trio
 
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message, State
 from sidecar.store.base import FeedItem, StoreUnavailable
 
@@ -59,15 +65,38 @@ CREATE TABLE IF NOT EXISTS messages (
     recipient_id TEXT NOT NULL,
     response TEXT NOT NULL,
     state INTEGER NOT NULL DEFAULT 0,
-    enqueued_at REAL NOT NULL
+    enqueued_at REAL NOT NULL,
+    log_epoch INTEGER,
+    user_seq INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_recipient
     ON messages (connector_id, recipient_id, state, id);
 CREATE INDEX IF NOT EXISTS messages_enqueued_at ON messages (enqueued_at);
 """
+# The user's log (docs/delivery.md): a file of an earlier version gets the columns, and its
+# rows their seqs in the order they were committed, epoch 1.
+_LOG_COLUMNS = ("log_epoch", "user_seq")
+_LOG_SCHEMA = """
+UPDATE messages SET log_epoch = 1, user_seq = numbered.n FROM (
+    SELECT seq AS s,
+        ROW_NUMBER() OVER (PARTITION BY connector_id, recipient_id ORDER BY seq) AS n
+    FROM messages WHERE user_seq IS NULL
+) AS numbered WHERE messages.seq = numbered.s;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_log ON messages (connector_id, recipient_id, user_seq);
+"""
 
-_COLUMNS = "id, connector_id, recipient_id, response, state, enqueued_at"
-_INSERT = f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_COLUMNS = "id, connector_id, recipient_id, response, state, enqueued_at, log_epoch, user_seq"
+# One statement: the message takes the next seq of its user's log, in that log's epoch (the
+# newest row's), or seq 1 in a new epoch (?7) when the user has none; an id stored already
+# inserts nothing and returns no row.
+_LATEST = (
+    "FROM messages WHERE connector_id = ?2 AND recipient_id = ?3 ORDER BY user_seq DESC LIMIT 1"
+)
+_INSERT = (
+    f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6,"
+    f" COALESCE((SELECT log_epoch {_LATEST}), ?7), COALESCE((SELECT user_seq {_LATEST}) + 1, 1))"
+    " RETURNING seq, log_epoch, user_seq"
+)
 # How often the feed looks for rows written by other processes, and how many it takes.
 FEED_INTERVAL = 0.25
 FEED_BATCH = 500
@@ -90,8 +119,21 @@ async def _checkpoint(connection: sqlite3.Connection) -> None:
     await trio.to_thread.run_sync(checkpoint)
 
 
+def _values(m: Message) -> tuple[Any, ...]:
+    """`_INSERT`'s parameters for a new message."""
+    return (
+        m.id,
+        m.connector_id,
+        m.recipient_id,
+        json.dumps(m.response, separators=(",", ":"), ensure_ascii=False),
+        int(m.state),
+        m.enqueued_at.timestamp(),
+        secrets.randbits(31) + 1,  # the epoch of a new log
+    )
+
+
 def _row(row: tuple[Any, ...]) -> Message:
-    message_id, connector_id, recipient_id, response, state, enqueued_at = row
+    message_id, connector_id, recipient_id, response, state, enqueued_at, epoch, seq = row
     return Message(
         id=message_id,
         connector_id=connector_id,
@@ -99,6 +141,8 @@ def _row(row: tuple[Any, ...]) -> Message:
         response=json.loads(response),
         state=State(state),
         enqueued_at=datetime.datetime.fromtimestamp(enqueued_at, datetime.UTC),
+        epoch=epoch,
+        seq=seq,
     )
 
 
@@ -108,7 +152,7 @@ class _Call:
     or a save's rows (`fn` is None)."""
 
     fn: Callable[[], Any] | None
-    rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    messages: Sequence[Message] = ()
     wake: trio.Event = dataclasses.field(default_factory=trio.Event)
     taken: bool = False  # in a batch (running or done): its caller waits for the outcome
     done: bool = False
@@ -127,6 +171,10 @@ class SqliteStore:
         # feed has not passed yet, in order, adjacent ones merged. Only touched in batches.
         self._feeding = False
         self._own: list[tuple[int, int]] = []
+        # While the feed runs: the messages this store committed, by seq, for the feed to
+        # yield in order (with the other writers' rows it reads), and the event that wakes it.
+        self._fresh: dict[int, Message] = {}
+        self._committing = trio.Event()
 
     @classmethod
     async def open(
@@ -138,6 +186,11 @@ class SqliteStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(_SCHEMA)
+                have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+                for column in _LOG_COLUMNS:
+                    if column not in have:
+                        db.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER")
+                db.executescript(_LOG_SCHEMA)
                 # Keep the newest max_count rows: seq only grows, so this is an index range.
                 # TEMP: this connection's own, with this run's setting.
                 db.execute(
@@ -159,19 +212,9 @@ class SqliteStore:
         call = await self._call(_Call(fn))
         return cast(T, call.result)
 
-    async def save(self, messages: Sequence[Message]) -> None:
-        rows = [
-            (
-                m.id,
-                m.connector_id,
-                m.recipient_id,
-                json.dumps(m.response, separators=(",", ":"), ensure_ascii=False),
-                int(m.state),
-                m.enqueued_at.timestamp(),
-            )
-            for m in messages
-        ]
-        await self._call(_Call(None, rows))
+    async def save(self, messages: Sequence[Message]) -> list[str]:
+        call = await self._call(_Call(None, messages))
+        return cast(list[str], call.result)
 
     async def _call(self, call: _Call) -> _Call:
         """Queue `call`; run its batch (or wait for the batch that ran it); raise its error."""
@@ -210,6 +253,8 @@ class SqliteStore:
                 call.taken = True
             try:
                 await trio.to_thread.run_sync(self._execute, batch)
+                if self._fresh:
+                    self._committing.set()
             finally:
                 for call in batch:
                     if not call.done:  # the batch broke off before it (no worker thread)
@@ -235,14 +280,15 @@ class SqliteStore:
             if fn is None:
                 while end < len(batch) and batch[end].fn is None:
                     end += 1
-                fn = partial(self._insert, [row for c in batch[first:end] for row in c.rows])
+                fn = partial(self._insert, batch[first:end])
             try:
                 result = self._guarded(fn)
             except Exception as exc:
                 for c in batch[first:end]:
                     c.error = exc
             else:
-                call.result = result
+                if call.fn is not None:  # saves have their results set by `_insert`
+                    call.result = result
             for c in batch[first:end]:
                 c.done = True
             first = end
@@ -256,27 +302,36 @@ class SqliteStore:
                     self._db.execute("ROLLBACK")
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
-    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+    def _insert(self, saves: list[_Call]) -> None:
+        """Insert the messages of `saves` in one transaction, each at the next seq of its
+        user's log; each save's result is the ids of its messages stored already."""
         db = self._db
         now = time.time()
         prune = self._ttl_seconds is not None and now >= self._next_ttl_prune
-        if len(rows) == 1 and not prune:
-            # In autocommit mode one statement is a whole (durable) transaction.
-            cursor = db.execute(_INSERT, rows[0])
-            if cursor.rowcount == 1 and cursor.lastrowid is not None:
-                self._committed(cursor.lastrowid, cursor.lastrowid)
-            return
-        db.execute("BEGIN IMMEDIATE")
-        before = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
-        db.executemany(_INSERT, rows)
-        last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-        if self._ttl_seconds is not None and prune:
-            db.execute("DELETE FROM messages WHERE enqueued_at < ?", (now - self._ttl_seconds,))
-            self._next_ttl_prune = now + TTL_PRUNE_INTERVAL
-        db.execute("COMMIT")
-        # Every row numbered after `before` up to `last` is one of these: the transaction
-        # held the file's write lock (a rolled-back one records nothing).
-        self._committed(before + 1, last)
+        logged: list[tuple[int, Message]] = []
+        single = len(saves) == 1 and len(saves[0].messages) == 1 and not prune
+        if not single:
+            db.execute("BEGIN IMMEDIATE")
+        for save in saves:
+            stored = []
+            for m in save.messages:
+                # In autocommit mode one statement is a whole (durable) transaction.
+                row = db.execute(_INSERT, _values(m)).fetchone()
+                if row is None:
+                    stored.append(m.id)
+                else:
+                    seq, epoch, user_seq = row
+                    logged.append((seq, dataclasses.replace(m, epoch=epoch, seq=user_seq)))
+            save.result = stored
+        if not single:
+            if self._ttl_seconds is not None and prune:
+                db.execute("DELETE FROM messages WHERE enqueued_at < ?", (now - self._ttl_seconds,))
+                self._next_ttl_prune = now + TTL_PRUNE_INTERVAL
+            db.execute("COMMIT")
+        if logged and self._feeding:
+            # The transaction held the file's write lock: its rows' seqs are consecutive.
+            self._committed(logged[0][0], logged[-1][0])
+            self._fresh.update(logged)
 
     def _committed(self, first: int, last: int) -> None:
         if not self._feeding or first > last:
@@ -314,6 +369,68 @@ class SqliteStore:
         params.append(limit)
         rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
         return [_row(row) for row in rows]
+
+    async def head(self, connector_id: str, recipient_id: str) -> Position | None:
+        sql = (
+            "SELECT log_epoch, user_seq FROM messages WHERE connector_id = ? AND recipient_id = ?"
+            " ORDER BY user_seq DESC LIMIT 1"
+        )
+        row = await self._run(
+            lambda: self._db.execute(sql, (connector_id, recipient_id)).fetchone()
+        )
+        return None if row is None else Position(*row)
+
+    async def position_of(
+        self, connector_id: str, recipient_id: str, message_id: str
+    ) -> Position | None:
+        sql = (
+            "SELECT log_epoch, user_seq FROM messages"
+            " WHERE id = ? AND connector_id = ? AND recipient_id = ?"
+        )
+        params = (message_id, connector_id, recipient_id)
+        row = await self._run(lambda: self._db.execute(sql, params).fetchone())
+        return None if row is None else Position(*row)
+
+    async def logged(
+        self, connector_id: str, recipient_id: str, after: Position, *, through: int, limit: int
+    ) -> list[Message]:
+        sql = (
+            f"SELECT {_COLUMNS} FROM messages WHERE connector_id = ? AND recipient_id = ?"
+            " AND log_epoch = ? AND user_seq > ? AND user_seq <= ? ORDER BY user_seq LIMIT ?"
+        )
+        params = (connector_id, recipient_id, after.epoch, after.seq, through, limit)
+        rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
+        return [_row(row) for row in rows]
+
+    async def selected(
+        self,
+        connector_id: str,
+        recipient_id: str,
+        replay: Replay,
+        after: Position,
+        *,
+        through: int,
+        limit: int,
+    ) -> list[Message]:
+        states = [int(s) for s in State if replay.selects(s, "")]
+        marks = ",".join("?" * len(states))
+        sql = (
+            f"SELECT {_COLUMNS} FROM messages WHERE connector_id = ? AND recipient_id = ?"
+            f" AND log_epoch = ? AND user_seq > ? AND user_seq <= ? AND state IN ({marks})"
+            " ORDER BY user_seq LIMIT ?"
+        )
+        params = (connector_id, recipient_id, after.epoch, after.seq, through, *states, limit)
+        rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
+        return [_row(row) for row in rows]
+
+    async def acknowledge_through(
+        self, connector_id: str, recipient_id: str, position: Position
+    ) -> int:
+        return await self._update(
+            "UPDATE messages SET state = 2 WHERE connector_id = ? AND recipient_id = ?"
+            " AND log_epoch = ? AND user_seq <= ? AND state < 2",
+            [connector_id, recipient_id, position.epoch, position.seq],
+        )
 
     async def _update(self, sql: str, params: Sequence[Any]) -> int:
         return await self._run(lambda: self._db.execute(sql, params).rowcount)
@@ -375,13 +492,16 @@ class SqliteStore:
             row = self._db.execute("SELECT MAX(seq) FROM messages").fetchone()
             return int(row[0] or 0)
 
-        def since(seq: int) -> tuple[int, list[tuple[Any, ...]]]:
-            """Up to FEED_BATCH rows of other writers after `seq`, in order, read gap by gap
-            between this store's own ranges (every row numbered below one of its commits is
-            final); and where the feed goes on from."""
+        def since(seq: int, poll: bool) -> tuple[int, list[Message]]:
+            """The messages committed after `seq`, in commit order: this store's own, kept
+            since their commit, and up to FEED_BATCH rows of other writers, read gap by gap
+            between its own ranges (every row numbered below one of its commits is final),
+            and past the last one too when `poll`; and where the feed goes on from."""
             rows: list[tuple[Any, ...]] = []
             while len(rows) < FEED_BATCH:
                 seq = self._past_own(seq)
+                if not self._own and not poll:
+                    break
                 below = self._own[0][0] if self._own else 2**63 - 1
                 found = self._db.execute(
                     f"SELECT seq, {_COLUMNS} FROM messages WHERE seq > ? AND seq < ?"
@@ -394,10 +514,15 @@ class SqliteStore:
                 if len(rows) == FEED_BATCH or not self._own:
                     break
                 seq = below - 1  # this gap is read to its end: on past the own range
-            return seq, rows
+            fresh = self._fresh
+            items = [(row[0], _row(row[1:])) for row in rows]
+            items += [(n, fresh.pop(n)) for n in sorted(fresh) if n <= seq]
+            items.sort(key=lambda item: item[0])
+            return seq, [message for _, message in items]
 
         def start() -> int:
             self._own.clear()
+            self._fresh.clear()
             self._feeding = True
             return newest()
 
@@ -405,21 +530,28 @@ class SqliteStore:
         checkpointer = await self._open_checkpointer()
         task_status.started()
         next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
+        next_poll = trio.current_time()
         try:
             while True:
                 if checkpointer is not None and trio.current_time() >= next_checkpoint:
                     await _checkpoint(checkpointer)
                     next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
+                # Before reading: a commit from now on sets the new event.
+                self._committing = trio.Event()
+                poll = trio.current_time() >= next_poll
+                if poll:
+                    next_poll = trio.current_time() + FEED_INTERVAL
                 try:
-                    last, rows = await self._run(partial(since, last))
+                    last, messages = await self._run(partial(since, last, poll))
                 except StoreUnavailable:
                     # Rows are read by sequence number, so whatever is written while the
                     # file cannot be read is picked up once it can.
-                    rows = []
-                for row in rows:
-                    await send.send(_row(row[1:]))
-                if len(rows) < FEED_BATCH:
-                    await trio.sleep(FEED_INTERVAL)
+                    messages = []
+                for message in messages:
+                    await send.send(message)
+                if len(messages) < FEED_BATCH:
+                    with trio.move_on_at(next_poll):
+                        await self._committing.wait()
         finally:
             self._feeding = False
             if checkpointer is not None:

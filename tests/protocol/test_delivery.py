@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.protocol.delivery import Replay, acked_by_last_event_id
+from sidecar.protocol.delivery import Position, Replay, Step, acked_by_last_event_id, step
 from sidecar.protocol.message import State
 
 E, S, D = State.ENQUEUED, State.SENT, State.DELIVERED
@@ -139,3 +139,29 @@ def test_ack_and_replay_after_agree(state: State, position: str) -> None:
     else:
         assert not acked
         assert replayed is (state == E)
+
+
+# --- the log position rule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("epoch", "seq", "expected"),
+    [
+        (7, 1, Step.DROP),
+        (7, 4, Step.DROP),
+        (7, 5, Step.DROP),
+        (7, 6, Step.WRITE),
+        (7, 7, Step.GAP),
+        (7, 1000, Step.GAP),
+        (8, 1, Step.NEW_LOG),
+        (8, 6, Step.NEW_LOG),
+        (0, 6, Step.NEW_LOG),
+    ],
+)
+def test_step(epoch: int, seq: int, expected: Step) -> None:
+    assert step(Position(7, 5), epoch, seq) is expected
+
+
+def test_the_start_of_a_log_takes_its_first_message() -> None:
+    assert step(Position(3, 0), 3, 1) is Step.WRITE
+    assert step(Position(3, 0), 3, 2) is Step.GAP
