@@ -36,25 +36,27 @@ def _list(value: Any, where: str) -> list[Any]:
     return value
 
 
-def _buttons(message: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
-    for i, button in enumerate(_list(message.get("buttons"), f"{where}.buttons")):
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise NotDecodable(f"{where} must be an object")
+    return value
+
+
+def _buttons_of(holder: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
+    """The buttons of a response or a card, each with where it is."""
+    for i, button in enumerate(_list(holder.get("buttons"), f"{where}.buttons")):
         yield f"{where}.buttons[{i}]", button
-    card = message.get("card")
-    if card is not None:
-        if not isinstance(card, Mapping):
-            raise NotDecodable(f"{where}.card must be an object")
-        for i, button in enumerate(_list(card.get("buttons"), f"{where}.card.buttons")):
-            yield f"{where}.card.buttons[{i}]", button
-    carousel = message.get("carousel")
-    if carousel is not None:
-        if not isinstance(carousel, Mapping):
-            raise NotDecodable(f"{where}.carousel must be an object")
+
+
+def _buttons(message: Mapping[str, Any], where: str) -> Iterator[tuple[str, Any]]:
+    yield from _buttons_of(message, where)
+    if message.get("card") is not None:
+        yield from _buttons_of(_object(message["card"], f"{where}.card"), f"{where}.card")
+    if message.get("carousel") is not None:
+        carousel = _object(message["carousel"], f"{where}.carousel")
         for c, card in enumerate(_list(carousel.get("cards"), f"{where}.carousel.cards")):
-            if not isinstance(card, Mapping):
-                raise NotDecodable(f"{where}.carousel.cards[{c}] must be an object")
-            buttons = _list(card.get("buttons"), f"{where}.carousel.cards[{c}].buttons")
-            for i, button in enumerate(buttons):
-                yield f"{where}.carousel.cards[{c}].buttons[{i}]", button
+            at = f"{where}.carousel.cards[{c}]"
+            yield from _buttons_of(_object(card, at), at)
 
 
 def check(response: Mapping[str, Any]) -> None:
@@ -71,9 +73,6 @@ def check(response: Mapping[str, Any]) -> None:
         for at, button in _buttons(message, where):
             if not isinstance(button, Mapping) or button.get("clazz") not in BUTTON_CLASSES:
                 raise NotDecodable(f"{at} needs a clazz: {', '.join(BUTTON_CLASSES)}")
-    metadata = response.get("metadata", {})
-    if not isinstance(metadata, Mapping):
-        raise NotDecodable("response.metadata must be an object")
-    for key, value in metadata.items():
+    for key, value in _object(response.get("metadata", {}), "response.metadata").items():
         if not isinstance(value, str):
             raise NotDecodable(f"response.metadata.{key} must be a string")
