@@ -16,11 +16,7 @@ LABELS = {
     "raw": "raw trio (reference)",
     "bare": "bare ASGI, hypercorn-trio",
     "starlette": "sse-starlette, uvicorn",
-    "h11": "h11 prototype",
 }
-# The prose of the "Beyond hypercorn" section (what adopting the prototype would cost),
-# put after its generated figures.
-H11_NOTES = Path(__file__).with_name("h11_prototype_notes.md")
 # Written up by hand, kept in every regenerated report: what each optimisation round did.
 OPTIMISATION_NOTES = sorted(Path(__file__).parent.glob("optimisation_round*.md"))
 
@@ -74,14 +70,7 @@ def write_report(run: dict[str, Any], path: Path, chart: Path) -> None:
         "- Servers: the sidecar (`python -m sidecar serve`, SQLite in a temp dir, synchronous=FULL), "
         "a raw-trio reference (bench/servers/raw_trio.py, no store), a bare ASGI app on the sidecar's "
         "hypercorn-trio setup (bench/servers/bare_asgi.py, no store), sse-starlette on uvicorn with "
-        "uvloop + httptools (bench/servers/starlette_sse.py, no store)"
-        + (
-            ", and the h11 prototype (bench/servers/h11_sidecar.py: the sidecar's own store, hub and "
-            "stream logic behind listeners on trio + h11, configured as the sidecar)"
-            if "h11" in run["servers"]
-            else ""
-        )
-        + ". Each in its own process.",
+        "uvloop + httptools (bench/servers/starlette_sse.py, no store). Each in its own process.",
         '- "other load" is CPU the machine spent outside the servers and the generator during a '
         'run (other processes): figures taken with it above ~0.2 cores are noisy. "gen CPU" is the '
         "load generator's own use of its core: near 100% means the client, not the server, was the limit.",
@@ -297,9 +286,6 @@ def write_report(run: dict[str, Any], path: Path, chart: Path) -> None:
             )
         out += _table(["messages", "all received s", "messages/s", "first message s"], rows)
 
-    if "h11" in run["servers"]:
-        out += _h11_section(res)
-
     ratio_lines = _ratios(res)
     if ratio_lines:
         out += ["## Ratios", ""] + [f"- {line}" for line in ratio_lines] + [""]
@@ -308,141 +294,6 @@ def write_report(run: dict[str, Any], path: Path, chart: Path) -> None:
     if _chart(run, chart):
         out += [f"![throughput and latency across the servers]({chart.name})", ""]
     path.write_text("\n".join(out))
-
-
-def _h11_section(res: dict[str, Any]) -> list[str]:
-    """The h11 prototype next to the sidecar and the peers, against the long-term goals."""
-    kinds = ["h11", "sidecar", "raw", "starlette", "bare"]
-    fan = res.get("fanout", {}).get("servers", {})
-    lat = res.get("latency", {}).get("servers", {})
-    send = res.get("send", {}).get("servers", {})
-    idle = res.get("idle", {}).get("servers", {})
-
-    def idle_row(kind: str, key: str) -> float | None:
-        rows = [r for r in idle.get(kind, {}).get("rows", []) if key in r]
-        return rows[-1][key] if rows else None
-
-    measures: list[tuple[str, Any, bool, int]] = [  # label, value(kind), higher is better, digits
-        (
-            "fan-out many_users delivered/s",
-            lambda k: fan.get(k, {}).get("many_users", {}).get("delivered_per_s"),
-            True,
-            0,
-        ),
-        (
-            "fan-out few_users delivered/s",
-            lambda k: fan.get(k, {}).get("few_users", {}).get("delivered_per_s"),
-            True,
-            0,
-        ),
-        (
-            "fan-out few_users server CPU us/delivered",
-            lambda k: fan.get(k, {}).get("few_users", {}).get("server_cpu_us_per_delivered"),
-            False,
-            1,
-        ),
-    ]
-    for rate in ("200", "1000", "5000"):
-        measures.append(
-            (
-                f"p99 ms at {rate} msg/s",
-                lambda k, r=rate: lat.get(k, {}).get(r, {}).get("p99_ms"),
-                False,
-                2,
-            )
-        )
-    measures.append(
-        (
-            "achieved msg/s at 5000 msg/s",
-            lambda k: lat.get(k, {}).get("5000", {}).get("achieved_rate"),
-            True,
-            0,
-        )
-    )
-    for mode in ("single", "batch"):
-        measures.append(
-            (
-                f"send {mode} msg/s",
-                lambda k, m=mode: send.get(k, {}).get(m, {}).get("messages_per_s"),
-                True,
-                0,
-            )
-        )
-    measures.append(
-        ("idle KB/stream (largest size)", lambda k: idle_row(k, "kb_per_stream"), False, 1)
-    )
-    measures.append(
-        ("idle streams open s (largest size)", lambda k: idle_row(k, "open_s"), False, 2)
-    )
-
-    rows = []
-    for label, value, _, digits in measures:
-        values = {k: value(k) for k in kinds}
-        if all(v is None for v in values.values()):
-            continue
-        rows.append(
-            [label]
-            + [_f(values[k], digits) for k in kinds]
-            + [_ratio(values["h11"], values[k]) for k in ("raw", "starlette", "sidecar")]
-        )
-    out = [
-        "## Beyond hypercorn: h11 prototype",
-        "",
-        "bench/servers/h11_sidecar.py runs the sidecar's own objects (settings from the same "
-        "`SIDECAR_*` variables, SQLite store behind `InstrumentedStore`, `Hub`, `SentMarker`, the "
-        "store feed, `serve_stream` for every stream, `parse_item` + `store_and_dispatch` for every "
-        "send, `identity.resolve`, the CORS helpers) with only the HTTP layer replaced: trio + h11, "
-        "one task and one `h11.Connection` per connection, one nursery per stream (reader task + "
-        "`serve_stream`), frames written with `send_all`. Same scenarios, same run, as the tables above; "
-        "tests/test_h11_prototype.py checks its bytes on every test run.",
-        "",
-    ]
-    out += _table(
-        [
-            "measure",
-            "h11 prototype",
-            "sidecar",
-            "raw trio",
-            "sse-starlette",
-            "bare ASGI",
-            "h11 / raw",
-            "h11 / starlette",
-            "h11 / sidecar",
-        ],
-        rows,
-    )
-    goals = []
-    for name in ("many_users", "few_users"):
-        h, r, st = (
-            fan.get(k, {}).get(name, {}).get("delivered_per_s") for k in ("h11", "raw", "starlette")
-        )
-        if h and r and st:
-            goals.append(
-                f"deliveries/s, {name}: {h / r:.2f}x raw trio (goal >= 0.75: "
-                f"{'met' if h / r >= 0.75 else 'not met'}), {h / st:.2f}x sse-starlette "
-                f"(goal >= 1.2: {'met' if h / st >= 1.2 else 'not met'})"
-            )
-        # A peer not using its whole core (generator window, other load) understates what it
-        # can do: deliveries per server CPU-second do not depend on that.
-        cost = {
-            k: fan.get(k, {}).get(name, {}).get("server_cpu_us_per_delivered")
-            for k in ("h11", "raw", "starlette")
-        }
-        if all(cost.values()):
-            goals.append(
-                f"deliveries per server CPU-second, {name}: {cost['raw'] / cost['h11']:.2f}x raw "
-                f"trio, {cost['starlette'] / cost['h11']:.2f}x sse-starlette"
-            )
-    kb = idle_row("h11", "kb_per_stream")
-    if kb is not None:
-        goals.append(
-            f"idle memory: {kb:.1f} KB per stream (goal <= 15: {'met' if kb <= 15 else 'not met'})"
-        )
-    if goals:
-        out += ["Against the long-term goals of issue 5:", ""] + [f"- {g}" for g in goals] + [""]
-    if H11_NOTES.exists():
-        out += [H11_NOTES.read_text().strip(), ""]
-    return out
 
 
 def _ratios(res: dict[str, Any]) -> list[str]:

@@ -3,7 +3,7 @@ machine has two or more), the load generator in another (pinned to the other cor
 same scenarios for each, ratios printed, one JSON file per scenario under bench/results/,
 then the markdown report and chart (bench/report.py).
 
-    python -m bench [--quick] [--servers sidecar,raw,bare,starlette,h11] [--scenarios ...]
+    python -m bench [--quick] [--servers sidecar,raw,bare,starlette] [--scenarios ...]
                     [--report bench/RESULTS.md] [--note TEXT]
 
 Every scenario is bounded: each generator run has a time cap and is killed past it.
@@ -44,18 +44,12 @@ from bench.common import (
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-SERVERS = ["sidecar", "raw", "bare", "starlette", "h11"]
+SERVERS = ["sidecar", "raw", "bare", "starlette"]
 LABELS = {
     "sidecar": "sidecar (quart-trio/hypercorn)",
     "raw": "raw trio (reference)",
     "bare": "bare ASGI on hypercorn-trio",
     "starlette": "sse-starlette/uvicorn",
-    "h11": "h11 prototype (sidecar objects on trio + h11)",
-}
-# Servers that run the sidecar's own store, hub and stream logic, configured the same way.
-SIDECAR_KINDS = {
-    "sidecar": [PY, "-m", "sidecar", "serve"],
-    "h11": [PY, "-m", "bench.servers.h11_sidecar"],
 }
 SCENARIOS = ["idle", "fanout", "latency", "send", "cross", "replay"]
 
@@ -123,7 +117,7 @@ class Server:
 def server(kind: str, workdir: Path, env_extra: dict[str, str] | None = None) -> Iterator[Server]:
     port, send_port = free_port(), free_port()
     env = dict(os.environ)
-    if kind in SIDECAR_KINDS:
+    if kind == "sidecar":
         db = workdir / f"{kind}-{uuid.uuid4().hex[:8]}.db"
         env |= {
             "SIDECAR_PUBLIC_BIND": f"127.0.0.1:{port}",
@@ -135,7 +129,7 @@ def server(kind: str, workdir: Path, env_extra: dict[str, str] | None = None) ->
             "SIDECAR_MAX_STREAMS": "1000000",
             "SIDECAR_MAX_STREAMS_PER_USER": "100000",
         } | (env_extra or {})
-        command = SIDECAR_KINDS[kind]
+        command = [PY, "-m", "sidecar", "serve"]
     else:
         send_port = port
         module = {"raw": "raw_trio", "bare": "bare_asgi", "starlette": "starlette_sse"}[kind]
@@ -583,20 +577,20 @@ def ratios(results: dict[str, Any]) -> list[str]:
     lines = []
 
     def add(label: str, values: dict[str, float | None], higher_better: bool = True) -> None:
-        for me in ("sidecar", "h11"):
-            mine = values.get(me)
-            if not mine:
-                continue
-            parts = []
-            for kind, value in values.items():
-                if kind != me and value and not (me == "sidecar" and kind == "h11"):
-                    parts.append(f"{mine / value:.2f}x {kind}")
-            if parts:
-                lines.append(
-                    f"{label}: {me} = "
-                    + ", ".join(parts)
-                    + ("" if higher_better else " (lower is better)")
-                )
+        mine = values.get("sidecar")
+        if not mine:
+            return
+        parts = [
+            f"{mine / value:.2f}x {kind}"
+            for kind, value in values.items()
+            if kind != "sidecar" and value
+        ]
+        if parts:
+            lines.append(
+                f"{label}: sidecar = "
+                + ", ".join(parts)
+                + ("" if higher_better else " (lower is better)")
+            )
 
     if "servers" in results.get("fanout", {}):
         for name in ("many_users", "few_users"):
