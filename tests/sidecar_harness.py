@@ -112,19 +112,30 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
 
 @dataclasses.dataclass
 class SidecarProcess:
-    """A sidecar run as `python -m sidecar serve` in a process of its own."""
+    """A sidecar run as `python -m sidecar serve` in a process of its own. Its stderr is
+    read all along (a full pipe would stop the process at its next log line); `log` keeps
+    the last `LOG_KEPT` bytes."""
 
     process: trio.Process
     public: str
     send_url: str
     log: bytearray
+    drained: trio.Event = dataclasses.field(default_factory=trio.Event)
 
-    async def read_log(self) -> bytes:
-        """Everything the process wrote to stderr until it exited."""
+    async def drain(self) -> None:
         assert self.process.stderr is not None
         while chunk := await self.process.stderr.receive_some():
             self.log += chunk
+            del self.log[:-LOG_KEPT]
+        self.drained.set()
+
+    async def read_log(self) -> bytes:
+        """What the process wrote to stderr until it exited (its last `LOG_KEPT` bytes)."""
+        await self.drained.wait()
         return bytes(self.log)
+
+
+LOG_KEPT = 1024 * 1024
 
 
 @asynccontextmanager
@@ -157,7 +168,11 @@ async def spawn_sidecar(env: dict[str, str]) -> AsyncIterator[SidecarProcess]:
         line = next(x for x in log.decode().splitlines() if "sidecar listening:" in x)
         words = line.split()
         public, send_url = words[words.index("public") + 1], words[words.index("send") + 1]
-        yield SidecarProcess(process, public, send_url, log)
+        running = SidecarProcess(process, public, send_url, log)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.drain)
+            yield running
+            nursery.cancel_scope.cancel()
     finally:
         if process.returncode is None:
             process.kill()

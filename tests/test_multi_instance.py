@@ -44,14 +44,9 @@ async def instances(
     async with AsyncExitStack() as stack:
         # The first creates the collection; the others then find it.
         first = await stack.enter_async_context(spawn_sidecar(env))
-        rest = []
-        async with trio.open_nursery() as nursery:
-
-            async def start() -> None:
-                rest.append(await stack.enter_async_context(spawn_sidecar(env)))
-
-            for _ in range(count - 1):
-                nursery.start_soon(start)
+        # One after the other: each process's context (with the task reading its log)
+        # must be entered by this task, which also leaves it.
+        rest = [await stack.enter_async_context(spawn_sidecar(env)) for _ in range(count - 1)]
         yield [first, *rest]
 
 
