@@ -82,8 +82,9 @@ def _listener_config(bind: Bind, settings: Settings, *, send: bool) -> Config:
 async def _pump_feed(
     store: Store, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Dispatch what the store's feed reports: other writers' messages (another instance,
-    Tock itself) reach the streams held here."""
+    """Dispatch what the store's feed reports: every message logged, by any writer (this
+    instance's send API, another instance, Tock itself), reaches the streams held here
+    this way alone."""
     metrics = hub.metrics
     send, receive = trio.open_memory_channel[FeedItem](FEED_BUFFER)
     async with trio.open_nursery() as nursery, receive:

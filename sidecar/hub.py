@@ -8,14 +8,12 @@ replayed when the browser reconnects, so a slow consumer costs a reconnect, neve
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import heapq
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -24,8 +22,6 @@ import trio.lowlevel
 
 from sidecar.metrics import Metrics
 from sidecar.protocol.message import Message
-from sidecar.protocol.replay import SeenWindow
-from sidecar.protocol.sequencer import Sequencer
 from sidecar.store.base import FeedItem, HistoryLost
 
 log = logging.getLogger("sidecar.hub")
@@ -122,77 +118,8 @@ class Mailbox:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
 
-    def take_messages(self, through: str | None) -> list[Message]:
-        """Take out the queued messages with an id up to `through` (all of them when it is
-        None); whatever else is queued stays, in order."""
-        if not self._items:
-            return []
-        taken: list[Message] = []
-        kept: list[FeedItem] = []
-        for item in self._items:
-            if isinstance(item, Message) and (through is None or item.id <= through):
-                taken.append(item)
-            else:
-                kept.append(item)
-        self._items = kept
-        return taken
-
     def __len__(self) -> int:
         return len(self._items)
-
-
-class InFlight:
-    """This instance's sends from when their ids are made until they are dispatched, by
-    recipient.
-
-    A stream's replay must leave these out: its query can find a send committed ahead of
-    an earlier one still being saved, and every subscribed stream gets them live, in id
-    order. What counts is whether a send was in flight at any moment while the query ran,
-    not when it returns (by then both may have been dispatched): `during` collects that.
-    """
-
-    __slots__ = ("_by_key", "_watching")
-
-    def __init__(self) -> None:
-        self._by_key: dict[Key, set[str]] = {}
-        self._watching: dict[Key, list[set[str]]] = {}
-
-    def add(self, messages: Iterable[Message]) -> None:
-        for m in messages:
-            self._by_key.setdefault(m.key, set()).add(m.id)
-            for ids in self._watching.get(m.key, ()):
-                ids.add(m.id)
-
-    def discard(self, messages: Iterable[Message]) -> None:
-        for m in messages:
-            ids = self._by_key.get(m.key)
-            if ids is not None:
-                ids.discard(m.id)
-                if not ids:
-                    del self._by_key[m.key]
-
-    def __contains__(self, message: object) -> bool:
-        if not isinstance(message, Message):
-            return False
-        ids = self._by_key.get(message.key)
-        return ids is not None and message.id in ids
-
-    def __bool__(self) -> bool:
-        return bool(self._by_key)
-
-    @contextlib.contextmanager
-    def during(self, key: Key) -> Iterator[set[str]]:
-        """The ids of `key`'s sends in flight at any moment inside the block."""
-        ids = set(self._by_key.get(key, ()))
-        watching = self._watching.setdefault(key, [])
-        watching.append(ids)
-        try:
-            yield ids
-        finally:
-            # By identity: another stream's set may be equal to this one.
-            watching[:] = [other for other in watching if other is not ids]
-            if not watching:
-                del self._watching[key]
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -218,7 +145,6 @@ class Hub:
         self,
         buffer_size: int,
         *,
-        dispatched_window: int = 65536,
         max_per_key: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -229,14 +155,6 @@ class Hub:
         self._count = 0
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.streams_open.set_function(self.stream_count)
-        # Ids this instance already dispatched, so the store's feed, which may also report
-        # this instance's own saves (a MongoDB change stream does), does not dispatch them
-        # again.
-        self._dispatched = SeenWindow(dispatched_window)
-        # This instance's own sends are dispatched in id order (see http/send.py).
-        self.sequencer: Sequencer[Callable[[], None]] = Sequencer()
-        # Those sends from when their ids are made until they are dispatched.
-        self.in_flight = InFlight()
         self.stats = HubStats()
         # Keepalive pings of every stream, while `run_pings` runs: (when, order, mailbox).
         self._pings: list[tuple[float, int, Mailbox]] = []
@@ -320,12 +238,9 @@ class Hub:
         self.metrics.stream_closed(reason.value)
 
     def dispatch(self, message: Message) -> int:
-        """Offer `message` to every open stream of its recipient, once per instance.
-        Returns how many streams it was queued on (0 when it was already dispatched, or is
-        one of this instance's sends in flight: the store's feed can report those before
-        their turn, and the send path dispatches them in id order)."""
-        if message in self.in_flight or not self._dispatched.add(message.id):
-            return 0
+        """Offer `message` to every open stream of its recipient; how many it was queued on.
+        A message the feed reports twice is offered twice: each stream drops what it has
+        written by its seq."""
         self.stats.dispatched += 1
         return sum(self._offer(sub, message) for sub in list(self._streams.get(message.key, ())))
 

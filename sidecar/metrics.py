@@ -16,23 +16,28 @@ the store is by `InstrumentedStore`), so the metrics stay optional for unit test
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message
 from sidecar.store.base import FeedItem, Store, StoreUnavailable
+
+T = TypeVar("T")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Streams close for one of these (hub.CloseReason values); listed so each shows from 0.
 CLOSE_REASONS = ("client", "slow", "shutdown", "replaced")
 REJECT_REASONS = ("instance_limit", "draining")
-STORE_OPERATIONS = ("save", "pending", "mark_sent", "ack", "ack_through", "get", "ping")
+STORE_OPERATIONS = (
+    "save", "head", "position_of", "logged", "mark_sent", "ack", "acknowledge_through", "get",
+    "ping",
+)  # fmt: skip
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Messages saved here whose first write is awaited; past this the oldest are forgotten (a
@@ -182,66 +187,70 @@ class InstrumentedStore:
         self._metrics = metrics
         self._errors = {op: metrics.store_errors.labels(op) for op in STORE_OPERATIONS}
 
-    async def save(self, messages: Sequence[Message]) -> list[str]:
+    async def _counted(self, operation: str, call: Awaitable[T]) -> T:
         try:
-            stored = await self._store.save(messages)
+            return await call
         except StoreUnavailable:
-            self._errors["save"].inc()
+            self._errors[operation].inc()
             raise
+
+    async def save(self, messages: Sequence[Message]) -> list[str]:
+        stored = await self._counted("save", self._store.save(messages))
         self._metrics.enqueued.inc(len(messages) - len(stored))
         return stored
 
-    async def pending(
-        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
+    async def head(self, connector_id: str, recipient_id: str) -> Position | None:
+        return await self._counted("head", self._store.head(connector_id, recipient_id))
+
+    async def position_of(
+        self, connector_id: str, recipient_id: str, message_id: str
+    ) -> Position | None:
+        return await self._counted(
+            "position_of", self._store.position_of(connector_id, recipient_id, message_id)
+        )
+
+    async def logged(
+        self,
+        connector_id: str,
+        recipient_id: str,
+        after: Position,
+        *,
+        through: int,
+        limit: int,
+        replay: Replay | None = None,
     ) -> list[Message]:
-        try:
-            return await self._store.pending(
-                connector_id, recipient_id, replay, after=after, limit=limit
-            )
-        except StoreUnavailable:
-            self._errors["pending"].inc()
-            raise
+        return await self._counted(
+            "logged",
+            self._store.logged(
+                connector_id, recipient_id, after, through=through, limit=limit, replay=replay
+            ),
+        )
 
     async def mark_sent(self, ids: Sequence[str]) -> int:
-        try:
-            moved = await self._store.mark_sent(ids)
-        except StoreUnavailable:
-            self._errors["mark_sent"].inc()
-            raise
+        moved = await self._counted("mark_sent", self._store.mark_sent(ids))
         self._metrics.sent.inc(moved)
         return moved
 
     async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
-        try:
-            moved = await self._store.ack(connector_id, recipient_id, ids)
-        except StoreUnavailable:
-            self._errors["ack"].inc()
-            raise
+        moved = await self._counted("ack", self._store.ack(connector_id, recipient_id, ids))
         self._metrics.delivered.inc(moved)
         return moved
 
-    async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
-        try:
-            moved = await self._store.ack_through(connector_id, recipient_id, last_event_id)
-        except StoreUnavailable:
-            self._errors["ack_through"].inc()
-            raise
+    async def acknowledge_through(
+        self, connector_id: str, recipient_id: str, position: Position
+    ) -> int:
+        moved = await self._counted(
+            "acknowledge_through",
+            self._store.acknowledge_through(connector_id, recipient_id, position),
+        )
         self._metrics.delivered.inc(moved)
         return moved
 
     async def get(self, message_id: str) -> Message | None:
-        try:
-            return await self._store.get(message_id)
-        except StoreUnavailable:
-            self._errors["get"].inc()
-            raise
+        return await self._counted("get", self._store.get(message_id))
 
     async def ping(self) -> dict[str, Any]:
-        try:
-            return await self._store.ping()
-        except StoreUnavailable:
-            self._errors["ping"].inc()
-            raise
+        return await self._counted("ping", self._store.ping())
 
     async def run_feed(
         self,

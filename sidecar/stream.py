@@ -7,11 +7,11 @@ hypercorn, from the server's disconnect callback; elsewhere, from a task next to
 waits for the client's disconnect event). The hub cancels it too, when its buffer fills or
 the instance drains.
 
-Replay and live messages merge here: the stream subscribes to the hub first, then replays
-from the store page by page, each page together with the live messages already waiting in
-its id range, in id order; then it writes what arrives live. `SeenWindow` drops repeats.
-A page leaves out this instance's sends that were in flight while its query ran
-(`InFlight`): they come live, in id order.
+This module owns the connect sequence of docs/delivery.md, with the position rule of
+`protocol/delivery.py`: the stream subscribes to the hub first, then places itself in its
+user's log (from the id the tab sent back, acknowledging what it covers), replays up to the
+log's head, and from then on writes each message of the log once, in seq order: a repeat
+or a late report is dropped, a gap or a new epoch is read from the store first.
 
 Writes are coalesced: the frames of every message already waiting in the stream's buffer
 (up to `COALESCE_MAX`) go out in one write, so a stream that falls behind catches up in
@@ -25,18 +25,17 @@ import dataclasses
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Protocol
 
 import trio
 
-from sidecar.hub import Hub, InFlight, Key, Mailbox
+from sidecar.hub import Hub, Key, Mailbox
 from sidecar.metrics import Metrics
 from sidecar.protocol import sse
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import NOWHERE, SEEN_NOTHING, Position, Replay, Step, step
 from sidecar.protocol.message import Message, State
-from sidecar.protocol.replay import SeenWindow, live, replay_order
 from sidecar.store.base import FeedItem, HistoryLost, Store, StoreUnavailable
 
 log = logging.getLogger("sidecar.stream")
@@ -125,16 +124,21 @@ async def serve_stream(
     key: Key,
     last_event_id: str | None,
     options: StreamOptions,
+    browser_client: bool = False,
     cancel_scope: trio.CancelScope | None = None,
 ) -> None:
     """Serve one stream until the client goes, the hub closes it, or the caller cancels.
+
+    `last_event_id` is the id the client sent back, if any; `browser_client` says it came
+    from the browser client (`?lastEventId=`), for which an id the store does not know
+    means "seen nothing" rather than no id at all (docs/delivery.md).
 
     Returns normally in the first two cases, and when `cancel_scope` (the scope the stream
     runs in, which the hub cancels to close it) is cancelled; the caller's own cancellation
     propagates."""
     with hub.subscribe(key, cancel_scope) as sub, sub.cancel_scope:
         stream = _Stream(
-            sink, store, marker, key, last_event_id, options, hub.metrics, hub.in_flight
+            sink, store, marker, key, last_event_id, browser_client, options, hub.metrics
         )
         try:
             if hub.pinging:
@@ -149,15 +153,14 @@ async def serve_stream(
 class _Stream:
     # One per open stream, alive as long as it is: no per-object dict.
     __slots__ = (
-        "_in_flight",
+        "_browser_client",
         "_key",
         "_last_event_id",
         "_marker",
         "_metrics",
         "_next_ping",
         "_options",
-        "_replay",
-        "_seen",
+        "_position",
         "_sink",
         "_store",
         "schedule",
@@ -170,27 +173,27 @@ class _Stream:
         marker: SentMarker,
         key: Key,
         last_event_id: str | None,
+        browser_client: bool,
         options: StreamOptions,
         metrics: Metrics,
-        in_flight: InFlight | None = None,
     ) -> None:
         self._sink = sink
-        self._in_flight = in_flight if in_flight is not None else InFlight()
         self._metrics = metrics
         self._store = store
         self._marker = marker
         self._key = key
         self._last_event_id = last_event_id
-        self._replay = Replay.on_connect(last_event_id, replay_sent=options.replay_sent)
+        self._browser_client = browser_client
         self._options = options
-        self._seen = SeenWindow()
+        # The place in the user's log of the last message written (`delivery.step`).
+        self._position = NOWHERE
         self._next_ping = 0.0
         # Tells the hub's pinger when the next ping is due (see `run_pinged`).
         self.schedule: Callable[[float], None] | None = None
 
     async def run(self, receive: Mailbox) -> None:
         await self._ping()
-        await self._catch_up(receive, ack=True)
+        await self._retrying(self._connect)
         await self._run_timed(receive)
 
     async def _run_timed(self, receive: Mailbox) -> None:
@@ -210,7 +213,7 @@ class _Stream:
         """`run`, with the hub's pinger waking the wait when a ping is due, instead of a
         deadline (a cancel scope) on every wait (see `Hub.run_pings`)."""
         await self._ping()
-        await self._catch_up(receive, ack=True)
+        await self._retrying(self._connect)
         while True:
             if receive.ping_due:
                 receive.ping_due = False
@@ -228,15 +231,23 @@ class _Stream:
 
     async def _write_from(self, receive: Mailbox, item: FeedItem) -> None:
         """Write `item` and whatever else is waiting (up to `COALESCE_MAX`), in one write
-        where they are messages."""
+        where they are the next messages of the log; read from the store what a gap, a new
+        log or a lost history leaves out."""
         messages: list[Message] = []
         while True:
             if isinstance(item, HistoryLost):
                 await self._write_all(messages)
                 messages = []
-                await self._catch_up(receive, ack=False)
-            elif live(item, self._seen):
-                messages.append(item)
+                await self._retrying(partial(self._recover, None))
+            else:
+                action = step(self._position, item.epoch, item.seq)
+                if action is Step.WRITE:
+                    messages.append(item)
+                    self._position = Position(item.epoch, item.seq)
+                elif action is not Step.DROP:
+                    await self._write_all(messages)
+                    messages = []
+                    await self._retrying(partial(self._recover, item))
             if len(messages) >= COALESCE_MAX:
                 break
             waiting = _take(receive)
@@ -253,8 +264,8 @@ class _Stream:
 
     async def _write_all(self, messages: list[Message], *, shared: bool = True) -> None:
         """Write `messages` in one write, then mark them written. Live messages' frames go
-        through the shared cache (other streams write the same objects); replayed ones,
-        read from the store for this stream alone, do not."""
+        through the shared cache (other streams write the same objects); those read from
+        the store for this stream alone do not."""
         if not messages:
             return
         encode = _frame if shared else _encode
@@ -270,39 +281,85 @@ class _Stream:
         if trio.current_time() >= self._next_ping:
             await self._ping()
 
-    async def _catch_up(self, receive: Mailbox, *, ack: bool) -> None:
-        """Acknowledge what the Last-Event-ID covers, then replay in id order, page by page;
-        while the store does not answer, keep pinging and try again."""
+    async def _retrying(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` until it gets through; while the store does not answer, keep pinging
+        and try again (what `fn` wrote before failing stays written: it goes on from the
+        stream's position)."""
         delay = RETRY_FIRST
         while True:
             try:
-                if ack and self._last_event_id is not None:
-                    await self._store.ack_through(*self._key, self._last_event_id)
-                    ack = False
-                await self._replay_pages(receive)
-                return
+                return await fn()
             except StoreUnavailable as exc:
                 log.warning(
-                    "replay for %s/%s failed, retrying in %.1fs: %s", *self._key, delay, exc
+                    "reading the log of %s/%s failed, retrying in %.1fs: %s",
+                    *self._key,
+                    delay,
+                    exc,
                 )
                 await self._wait(delay)
                 delay = min(delay * 2, RETRY_MAX)
 
-    async def _replay_pages(self, receive: Mailbox) -> None:
-        after = None
-        while True:
-            with self._in_flight.during(self._key) as in_flight:
-                page = await self._store.pending(
-                    *self._key, self._replay, after=after, limit=self._options.replay_page
-                )
-            last = len(page) < self._options.replay_page
-            queued = receive.take_messages(None if last else page[-1].id)
-            fresh = list(replay_order(page, self._seen, in_flight, queued))
-            for start in range(0, len(fresh), COALESCE_MAX):
-                await self._write_all(fresh[start : start + COALESCE_MAX], shared=False)
-            if last:
+    async def _connect(self) -> None:
+        """The connect sequence (docs/delivery.md), once subscribed: the tab's position from
+        the id it sent back, the acknowledgement it makes, then the replay up to the log's
+        head, which becomes the stream's position."""
+        store, key = self._store, self._key
+        head = await store.head(*key)
+        sent_back = self._last_event_id
+        position = None
+        if sent_back is not None and sent_back != SEEN_NOTHING:
+            position = await store.position_of(*key, sent_back)
+        if head is None:
+            return  # no log yet: every message of the user is new to this tab
+        replay: Replay | None = None  # from a position: every seq after it
+        if position is not None and position.epoch == head.epoch:
+            await store.acknowledge_through(*key, position)
+            self._position = position
+        else:
+            seen_nothing = sent_back == SEEN_NOTHING or (
+                sent_back is not None and self._browser_client
+            )
+            replay = Replay.on_connect(seen_nothing, replay_sent=self._options.replay_sent)
+            self._position = Position(head.epoch, 0)
+        # Placed: from here a failure goes on from the position, and never looks again.
+        await self._retrying(partial(self._read_to, head.seq, replay))
+
+    async def _recover(self, item: Message | None) -> None:
+        """Bring the stream up to `item` (a message past the next one, or of another epoch)
+        and write it, reading the seqs in between from the store; with no item (the feed
+        lost its history), up to the log's head."""
+        if item is None or (self._position != NOWHERE and item.epoch != self._position.epoch):
+            head = await self._store.head(*self._key)
+            if head is None:
                 return
-            after = page[-1].id
+            if item is not None and head.epoch != item.epoch:
+                item = None  # from a log that has ended since: read the current one instead
+            if item is None:
+                if head.epoch != self._position.epoch:
+                    self._position = Position(head.epoch, 0)
+                return await self._read_to(head.seq)
+        if item.epoch != self._position.epoch:
+            self._position = Position(item.epoch, 0)
+        await self._read_to(item.seq - 1)
+        if step(self._position, item.epoch, item.seq) is not Step.DROP:
+            self._position = Position(item.epoch, item.seq)
+            await self._write_all([item])
+
+    async def _read_to(self, through: int, replay: Replay | None = None) -> None:
+        """Write the user's logged messages after the position up to seq `through` (those
+        `replay` selects, when given), page by page; the position ends at `through`. Seqs
+        the store no longer has (expired) are skipped."""
+        page_size = self._options.replay_page
+        epoch = self._position.epoch
+        while self._position.seq < through:
+            page = await self._store.logged(
+                *self._key, self._position, through=through, limit=page_size, replay=replay
+            )
+            for start in range(0, len(page), COALESCE_MAX):
+                await self._write_all(page[start : start + COALESCE_MAX], shared=False)
+                self._position = Position(epoch, page[min(start + COALESCE_MAX, len(page)) - 1].seq)
+            if len(page) < page_size:
+                self._position = Position(epoch, through)
 
     async def _wait(self, seconds: float) -> None:
         deadline = trio.current_time() + seconds

@@ -15,6 +15,9 @@ import trio
 from sidecar import app
 from sidecar.config import Settings
 from sidecar.protocol import sse
+from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.message import Message
+from sidecar.store.base import Store
 
 
 def settings_for(tmp_path: Path, **env: str) -> Settings:
@@ -192,3 +195,21 @@ class BrokenSqliteConnection:
 
     def close(self) -> None:
         pass
+
+
+async def logged_messages(
+    store: Store, recipient: str = "alice", connector: str = "web", replay: Replay | None = None
+) -> list[Message]:
+    """The user's whole log, as the store has it (those `replay` selects, when given)."""
+    head = await store.head(connector, recipient)
+    if head is None:
+        return []
+    return await store.logged(
+        connector, recipient, Position(head.epoch, 0), through=head.seq, limit=10_000, replay=replay
+    )
+
+
+async def logged_ids(
+    store: Store, recipient: str = "alice", connector: str = "web", replay: Replay | None = None
+) -> list[str]:
+    return [m.id for m in await logged_messages(store, recipient, connector, replay)]

@@ -63,8 +63,8 @@ async def stream_at(
 async def received_until_fresh(
     sidecar: Sidecar, client: SseClient, user: str = "alice"
 ) -> list[str]:
-    """Every message the stream writes up to a fresh one sent now (which has the largest id,
-    so it comes after the whole replay); the fresh one is left off."""
+    """Every message the stream writes up to a fresh one sent now (the last of the user's
+    log, so it comes after the whole replay); the fresh one is left off."""
     fresh = await sidecar.send(user, fresh=True)
     ids: list[str] = []
     while (event := await client.next_message()).id != fresh:
@@ -104,8 +104,9 @@ def assert_error(reply: httpx.Response, status: int, code: str | None = None) ->
 
 
 async def _history(sidecar: Sidecar) -> dict[str, Any]:
-    """alice: an ENQUEUED message with an id older than everything (as another instance with
-    a slower clock would write it), four SENT ones, one ENQUEUED newer one; bob: one SENT."""
+    """alice: four SENT messages, then an ENQUEUED one with an id older than everything (as
+    another instance with a slower clock would write it), then an ENQUEUED newer one; bob:
+    one SENT. The log follows the saves, not the ids."""
     early = new_id()
     sent = await make_sent(sidecar, "alice", 4)
     (bob,) = await make_sent(sidecar, "bob", 1)
@@ -117,7 +118,7 @@ async def _history(sidecar: Sidecar) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("where", ["header", "query", "header-over-query"])
-async def test_last_event_id_acks_sent_up_to_it_and_replays_the_rest(
+async def test_the_id_sent_back_acknowledges_the_log_up_to_it_and_replays_the_rest(
     sidecar: Sidecar, where: str
 ) -> None:
     h = await _history(sidecar)
@@ -129,16 +130,16 @@ async def test_last_event_id_acks_sent_up_to_it_and_replays_the_rest(
     else:  # the query says s4, which would ack s3 and s4 too: the header wins
         opened = sidecar.stream("alice", last_event_id=s2, query=f"&lastEventId={s4}")
     async with opened as client:
-        # Replay in id order: ENQUEUED (whatever their id) and SENT after the id.
-        assert await received_until_fresh(sidecar, client) == [h["early"], s3, s4, h["late"]]
+        # The rest of the log, in log order, whatever the states and the ids.
+        assert await received_until_fresh(sidecar, client) == [s3, s4, h["early"], h["late"]]
         assert await states(sidecar, [s1, s2]) == [State.DELIVERED] * 2
         assert await states(sidecar, [s3, s4, h["bob"]]) == [State.SENT] * 3
-        # The ENQUEUED one older than the id was not acknowledged (it was never written)
+        # The one with an older id, later in the log, was not acknowledged by it.
         assert (await states(sidecar, [h["early"]]))[0] != State.DELIVERED
     # Acknowledged messages never come back, even to a client replaying every SENT one.
     async with sidecar.stream("alice", last_event_id=ZERO_ID) as client:
         replayed = await received_until_fresh(sidecar, client)
-        assert replayed[:4] == [h["early"], s3, s4, h["late"]]
+        assert replayed[:4] == [s3, s4, h["early"], h["late"]]
         assert s1 not in replayed
         assert s2 not in replayed
 
@@ -194,7 +195,7 @@ async def test_ack_by_ids_delivers_them_for_good(sidecar: Sidecar) -> None:
         assert await received_until_fresh(sidecar, client) == [s2]
 
 
-async def test_ack_through_last_event_id(sidecar: Sidecar) -> None:
+async def test_ack_by_last_event_id_covers_the_log_up_to_it(sidecar: Sidecar) -> None:
     early = new_id()
     s1, s2, s3 = await make_sent(sidecar, "alice", 3)
     await sidecar.running.store.save([Message(early, "web", "alice", {"early": True})])
@@ -302,11 +303,19 @@ async def test_one_connector_cannot_ack_anothers_messages(tmp_path: Path) -> Non
         ids = [*mine, queued]
         other = {"connector_path": "/io/app/other"}
         assert (await ack(sidecar, {"ids": ids}, **other)).status_code == 204
-        assert (await ack(sidecar, {"lastEventId": "f" * 24}, **other)).status_code == 204
+        assert (await ack(sidecar, {"lastEventId": mine[1]}, **other)).status_code == 204
         (theirs,) = await make_sent(sidecar, "alice", 1, connector="other")
         url = f"{sidecar.public}/io/app/other/sse?userId=alice"
-        async with stream_at(sidecar, url, {"Last-Event-ID": "f" * 24}):
-            pass
+        async with stream_at(sidecar, url, {"Last-Event-ID": mine[1]}):
+            pass  # an id of another connector's log: no position there
+        assert await states(sidecar, [*ids, theirs]) == [
+            State.SENT,
+            State.SENT,
+            State.ENQUEUED,
+            State.SENT,
+        ]
+        async with stream_at(sidecar, url, {"Last-Event-ID": theirs}):
+            await wait_for_state(sidecar, [theirs], State.DELIVERED)
         assert await states(sidecar, ids) == [State.SENT, State.SENT, State.ENQUEUED]
         assert await states(sidecar, [theirs]) == [State.DELIVERED]
         async with sidecar.stream("alice", last_event_id=ZERO_ID) as client:
@@ -334,3 +343,15 @@ async def test_ack_body_over_16_kib_is_413(sidecar: Sidecar) -> None:
     body = json.dumps({"ids": [sent], "pad": "x" * 16 * 1024}).encode()
     assert_error(await ack(sidecar, body), 413)
     assert await states(sidecar, [sent]) == [State.SENT]
+
+
+async def test_another_tabs_acknowledgement_hides_nothing_from_a_tab_with_a_position(
+    sidecar: Sidecar,
+) -> None:
+    """Issue #13, case 5: a tab was away after s1; meanwhile another tab of the same user
+    had s2 and s3 and acknowledged them. The tab comes back from s1 and gets both."""
+    s1, s2, s3 = await make_sent(sidecar, "alice", 3)
+    async with sidecar.stream("alice", last_event_id=s3):  # the other tab acknowledges
+        await wait_for_state(sidecar, [s1, s2, s3], State.DELIVERED)
+    async with sidecar.stream("alice", last_event_id=s1) as client:
+        assert await received_until_fresh(sidecar, client) == [s2, s3]

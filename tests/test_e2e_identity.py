@@ -309,7 +309,7 @@ async def test_cookie_routes_refuse_origins_the_cors_pattern_does_not_let_in(
         async with open_stream(sidecar, url, cookie) as (_, client):
             assert (await client.next_message()).id == message
         await wait_for_state(sidecar, [message], State.SENT)
-        forged = json.dumps({"lastEventId": "f" * 24})
+        forged = json.dumps({"lastEventId": message})
         for origin in ("https://evil.example", "null"):
             reply = await sidecar.client.post(
                 f"{url}/ack",

@@ -18,6 +18,7 @@ from tests.sidecar_harness import (
     BrokenSqliteConnection,
     Sidecar,
     SseClient,
+    logged_ids,
     running_sidecar,
     settings_for,
 )
@@ -60,10 +61,7 @@ async def post(
 
 
 async def stored(sidecar: Sidecar, recipient: str = "alice", connector: str = "web") -> list[str]:
-    messages = await sidecar.running.store.pending(
-        connector, recipient, Replay(sent=True), after=None, limit=100
-    )
-    return [m.id for m in messages]
+    return await logged_ids(sidecar.running.store, recipient, connector, Replay(sent=True))
 
 
 async def assert_nothing_delivered(sidecar: Sidecar, client: SseClient) -> None:

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import Settings
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message, State
 from sidecar.store import documents
-from sidecar.store.mongo import MongoStore
+from sidecar.store.mongo import MongoStore, _Adoption
 from tests.tock_documents import decodable_by, fixtures
 
 HEX = "6b11178943b0e1b7d5b69d09"
@@ -198,7 +198,7 @@ _users = itertools.count()
     sent=st.lists(st.booleans(), min_size=30, max_size=30),
     cut=st.integers(0, 29),
 )
-async def test_the_mongodb_store_pages_and_acks_in_id_order_across_types(
+async def test_adoption_logs_both_id_types_in_id_order_and_positions_ack_by_seq(
     mongodb_server: str,
     shared_db: str,
     hexes: list[str],
@@ -207,6 +207,9 @@ async def test_the_mongodb_store_pages_and_acks_in_id_order_across_types(
     sent: list[bool],
     cut: int,
 ) -> None:
+    """Documents no feed logged (stored before any sidecar ran, or while the oplog was
+    lost) are adopted oldest id first, across both id types, a page at a time; a position
+    then acknowledges by seq, whatever the states and id types."""
     user = f"u{next(_users)}"
     stored = _stored(hexes, types)
     for doc, is_sent in zip(stored, sent, strict=False):
@@ -220,28 +223,29 @@ async def test_the_mongodb_store_pages_and_acks_in_id_order_across_types(
             await trio.to_thread.run_sync(
                 lambda: store._collection.insert_many([dict(d) for d in stored])
             )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("sidecar.store.mongo.ADOPTION_PAGE", page)
+            adopted = await trio.to_thread.run_sync(store._adopt, _Adoption(since=None))
+        assert adopted == len(stored)
         order = sorted(hexes)
-        replay = Replay(sent=True)
-        got: list[str] = []
-        after = None
-        while True:
-            found = await store.pending("web", user, replay, after=after, limit=page)
-            got += [m.id for m in found]
-            if len(found) < page:
-                break
-            after = found[-1].id
-        assert got == order
+        head = await store.head("web", user)
+        if not order:
+            assert head is None
+            return
+        assert head is not None
+        log = await store.logged("web", user, Position(head.epoch, 0), through=head.seq, limit=100)
+        assert [(m.id, m.seq) for m in log] == [(i, n) for n, i in enumerate(order, 1)]
+        was_sent = {str(d["_id"]) for d in stored if d["status"] == 1}
+        assert {m.id for m in log if m.state == State.SENT} == was_sent
 
-        # A last id acknowledges the SENT ones up to it, of both types, and nothing else.
-        if order:
-            last = order[min(cut, len(order) - 1)]
-            was_sent = {str(d["_id"]) for d in stored if d["status"] == 1}
-            moved = await store.ack_through("web", user, last)
-            assert moved == len([i for i in was_sent if i <= last])
-            unsent_first = await store.pending("web", user, replay, after=None, limit=100)
-            assert [m.id for m in unsent_first] == [
-                i for i in order if i > last or i not in was_sent
-            ]
+        through = min(cut, len(order) - 1) + 1
+        moved = await store.acknowledge_through("web", user, Position(head.epoch, through))
+        assert moved == through
+        rest = await store.logged(
+            "web", user, Position(head.epoch, 0), through=head.seq, limit=100,
+            replay=Replay(sent=True),
+        )  # fmt: skip
+        assert [m.id for m in rest] == order[through:]
     finally:
         # Hypothesis draws the same ids again in later examples.
         await trio.to_thread.run_sync(lambda: store._collection.delete_many({}))

@@ -24,7 +24,7 @@ from bson.int64 import Int64
 from pymongo import monitoring, uri_parser
 
 from sidecar.config import Settings
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message, State, new_id
 from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY
@@ -121,6 +121,15 @@ async def receive_ids(
     return items
 
 
+async def adopted(store: MongoStore) -> None:
+    """Start a feed and stop it: on a first start (no checkpoint) it logs every stored
+    message before it says it has started (adoption)."""
+    send, _ = trio.open_memory_channel[FeedItem](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run_feed, send)
+        nursery.cancel_scope.cancel()
+
+
 def proxied_uri(uri: str, port: int) -> str:
     parsed = uri_parser.parse_uri(uri)
     auth = ""
@@ -139,7 +148,7 @@ def server_address(uri: str) -> tuple[str, int]:
 # -- (a) Tock's documents -------------------------------------------------------------
 
 
-async def test_tock_written_document_comes_out_of_feed_and_pending(
+async def test_tock_written_document_is_logged_by_the_feed_and_replayed(
     mongo_uri: str, db_name: str, raw: RawClient
 ) -> None:
     ref = ObjectId()
@@ -178,27 +187,36 @@ async def test_tock_written_document_comes_out_of_feed_and_pending(
         )  # fmt: skip
         assert fed.response == expected_response
         assert fed.enqueued_at == enqueued_at
-        [pending] = await store.pending("web", "alice", Replay(sent=False), after=None, limit=10)
-        assert pending == fed
+        [replayed] = await store.logged(
+            "web", "alice", Position(fed.epoch, 0), through=1, limit=10, replay=Replay(sent=False)
+        )
+        assert replayed == fed
+        assert fed.seq == 1
         assert await store.get(str(oid)) == fed
 
 
-async def test_documents_that_are_not_messages_are_skipped_and_pages_fill_past_them(
+async def test_documents_that_are_not_messages_are_not_logged_and_pages_fill_past_gone_ones(
     mongo_uri: str, db_name: str, raw: RawClient
 ) -> None:
     fields = {"appId": "web", "recipientId": "bob", "status": 0}
-    first = {"_id": ObjectId(), **fields, "webConnectorResponse": {"n": 0}}
+    docs = [{"_id": ObjectId(), **fields, "webConnectorResponse": {"n": n}} for n in range(4)]
     skipped = not_messages("bob")
-    later = [{"_id": ObjectId(), **fields, "webConnectorResponse": {"n": n}} for n in (1, 2)]
-    ids = [str(d["_id"]) for d in (first, *later)]
+    ids = [str(d["_id"]) for d in docs]
+    coll = raw[db_name][COLLECTION]
+    await trio.to_thread.run_sync(coll.insert_many, [docs[0], *skipped, *docs[1:]])
     async with opened(mongo_uri, db_name) as store:
-        coll = raw[db_name][COLLECTION]
-        await trio.to_thread.run_sync(coll.insert_many, [first, *skipped, *later])
-        page = await store.pending("web", "bob", Replay(sent=False), after=None, limit=2)
-        assert [m.id for m in page] == ids[:2]  # a full page: there may be more
-        assert [m.response for m in page] == [{"n": 0}, {"n": 1}]
-        rest = await store.pending("web", "bob", Replay(sent=False), after=ids[1], limit=2)
-        assert [m.id for m in rest] == ids[2:]
+        await adopted(store)
+        head = await store.head("web", "bob")
+        assert head is not None
+        assert head.seq == 4
+        # Evicted or expired after it was logged: its seq is skipped, the page filled past.
+        await trio.to_thread.run_sync(coll.delete_one, {"_id": docs[1]["_id"]})
+        start = Position(head.epoch, 0)
+        page = await store.logged("web", "bob", start, through=4, limit=2)
+        assert [(m.id, m.seq) for m in page] == [(ids[0], 1), (ids[2], 3)]
+        assert [m.response for m in page] == [{"n": 0}, {"n": 2}]
+        rest = await store.logged("web", "bob", Position(head.epoch, 3), through=4, limit=2)
+        assert [m.id for m in rest] == ids[3:]
         for doc in skipped:
             assert await store.get(str(doc["_id"])) is None
 
@@ -234,11 +252,17 @@ async def test_the_only_update_of_a_document_is_the_int32_sent_mark(
     commands = Commands()
     async with opened(mongo_uri, db_name, client_options={"event_listeners": [commands]}) as store:
         messages = [message() for _ in range(4)]
-        await store.save(messages)
+        send, receive = trio.open_memory_channel[FeedItem](10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_feed, send)
+            await store.save(messages)
+            items = await receive_ids(receive, {m.id for m in messages})
+            nursery.cancel_scope.cancel()
+        epoch = next(i.epoch for i in items if isinstance(i, Message))
         commands.clear()
         assert await store.mark_sent([m.id for m in messages[:3]]) == 3
         assert await store.ack("web", "alice", [messages[0].id, messages[3].id]) == 2
-        assert await store.ack_through("web", "alice", messages[2].id) == 2
+        assert await store.acknowledge_through("web", "alice", Position(epoch, 3)) == 2
         assert await store.mark_sent([]) == 0
         assert await store.ack("web", "alice", []) == 0
 
@@ -252,11 +276,11 @@ async def test_the_only_update_of_a_document_is_the_int32_sent_mark(
             assert type(update["u"]["$set"]["status"]) is int
             assert update["q"]["status"] == {"$type": "int", "$eq": 0}
             assert update.get("upsert", False) is False
-        else:  # what Tock's status cannot hold, in the sidecar's own collection
+        else:  # the log records hold what Tock's status cannot
             assert collection == DELIVERY
-            assert update["upsert"] is True
-            assert set(update["u"]) == {"$max", "$setOnInsert"}
-            assert update["u"]["$max"]["state"] in (1, 2)
+            assert update.get("upsert", False) is False
+            assert set(update["u"]) == {"$set"}
+            assert update["u"]["$set"]["state"] in (1, 2)
     assert {c["delete"] for c in commands.commands("delete")} <= {DELIVERY}
     assert {c["insert"] for c in commands.commands("insert")} <= {DELIVERY}
 
@@ -475,6 +499,8 @@ async def test_missing_collection_gets_ttl_and_recipient_indexes(
         lambda: {tuple(ix["key"].items()): ix for ix in raw[db_name][DELIVERY].list_indexes()}
     )
     assert delivery[(("at", 1),)]["expireAfterSeconds"] == 7 * 86400
+    # The log: one seq per user per place, the index the claims race on.
+    assert delivery[(("appId", 1), ("recipientId", 1), ("seq", 1))]["unique"] is True
     assert any("is not capped" in r.getMessage() for r in caplog.records)
 
 
@@ -553,6 +579,8 @@ async def test_headroom_counts_from_the_oldest_message_no_stream_had(
         behind = functools.partial(trio.to_thread.run_sync, store._newer_than_oldest_unsent)
         assert await behind() is None
         await trio.to_thread.run_sync(raw[db_name][COLLECTION].insert_many, docs)
+        assert await behind() == 2
+        await adopted(store)
         assert await behind() == 2
         for doc, expected in zip(docs, (1, 0, None), strict=True):
             assert await store.mark_sent([str(doc["_id"])]) == 1

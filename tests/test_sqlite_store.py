@@ -23,9 +23,13 @@ def msg(age: datetime.timedelta = datetime.timedelta(0)) -> Message:
 
 
 async def ids_of(store: SqliteStore) -> list[str]:
-    return [
-        m.id for m in await store.pending("web", "alice", Replay(sent=True), after=None, limit=100)
-    ]
+    head = await store.head("web", "alice")
+    if head is None:
+        return []
+    logged = await store.logged(
+        "web", "alice", Position(head.epoch, 0), through=head.seq, limit=100
+    )
+    return [m.id for m in logged]
 
 
 async def test_max_count_keeps_the_newest(tmp_path: Path) -> None:
@@ -221,14 +225,16 @@ async def test_selection_and_acknowledgement_by_position(tmp_path: Path) -> None
         await store.mark_sent([a[1].id, a[2].id])
         assert await store.acknowledge_through("web", "alice", Position(head.epoch, 2)) == 2
         assert await store.acknowledge_through("web", "alice", Position(head.epoch + 1, 5)) == 0
-        unsent = await store.selected("web", "alice", Replay(sent=False), start, through=4, limit=9)
+        unsent = await store.logged(
+            "web", "alice", start, through=4, limit=9, replay=Replay(sent=False)
+        )
         assert [m.seq for m in unsent] == [4]  # 3 SENT, 5 past `through`
-        undelivered = await store.selected(
-            "web", "alice", Replay(sent=True), start, through=5, limit=9
+        undelivered = await store.logged(
+            "web", "alice", start, through=5, limit=9, replay=Replay(sent=True)
         )
         assert [m.seq for m in undelivered] == [3, 4, 5]
-        page = await store.selected(
-            "web", "alice", Replay(sent=True), Position(head.epoch, 3), through=5, limit=1
+        page = await store.logged(
+            "web", "alice", Position(head.epoch, 3), through=5, limit=1, replay=Replay(sent=True)
         )
         assert [m.seq for m in page] == [4]
     finally:

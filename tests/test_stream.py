@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import trio
 
+from sidecar.app import _pump_feed
 from sidecar.hub import CloseReason, Hub
 from sidecar.protocol import sse
-from sidecar.protocol.delivery import Replay
-from sidecar.protocol.message import Message, State, new_id
+from sidecar.protocol.delivery import SEEN_NOTHING, Position, Replay
+from sidecar.protocol.message import IdGenerator, Message, State, new_id
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.sqlite import SqliteStore
 from sidecar.stream import ClientGone, SentMarker, StreamOptions, serve_stream
@@ -50,20 +51,29 @@ class MemorySink:
 
 
 class HookedStore(SqliteStore):
-    """A real SQLite store whose replay query can be made to fail or to race live traffic."""
+    """A real SQLite store whose log reads can be made to fail or to race live traffic."""
 
-    on_pending: Any = None
+    on_logged: Any = None
     failures = 0
 
-    async def pending(
-        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
+    async def logged(
+        self,
+        connector_id: str,
+        recipient_id: str,
+        after: Position,
+        *,
+        through: int,
+        limit: int,
+        replay: Replay | None = None,
     ) -> list[Message]:
         if self.failures:
             self.failures -= 1
             raise StoreUnavailable("injected")
-        page = await super().pending(connector_id, recipient_id, replay, after=after, limit=limit)
-        if self.on_pending is not None:
-            hook, self.on_pending = self.on_pending, None
+        page = await super().logged(
+            connector_id, recipient_id, after, through=through, limit=limit, replay=replay
+        )
+        if self.on_logged is not None:
+            hook, self.on_logged = self.on_logged, None
             await hook(page)
         return page
 
@@ -101,17 +111,23 @@ class Running:
 
 @asynccontextmanager
 async def streaming(
-    store: HookedStore, hub: Hub | None = None, **opts: Any
+    store: HookedStore,
+    hub: Hub | None = None,
+    *,
+    last_event_id: str | None = None,
+    browser_client: bool = False,
+    **opts: Any,
 ) -> AsyncIterator[Running]:
-    """One stream for KEY (no Last-Event-ID) served into a MemorySink, with its SentMarker,
-    both cancelled on exit; `done` is set when the stream returns by itself."""
+    """One stream for KEY served into a MemorySink, with its SentMarker, both cancelled on
+    exit; `done` is set when the stream returns by itself. Nothing feeds the hub: tests
+    dispatch what the feed would (`feeding` runs the real one)."""
     running = Running(hub or Hub(64), MemorySink(), trio.Event())
     marker = SentMarker(store)
 
     async def serve() -> None:
         await serve_stream(
             running.sink, hub=running.hub, store=store, marker=marker, key=KEY,
-            last_event_id=None, options=options(**opts),
+            last_event_id=last_event_id, browser_client=browser_client, options=options(**opts),
         )  # fmt: skip
         running.done.set()
 
@@ -122,57 +138,37 @@ async def streaming(
         nursery.cancel_scope.cancel()
 
 
-async def test_message_arriving_during_replay_is_written_once_in_order(store: HookedStore) -> None:
-    hub = Hub(64)
-    stored = [message(n) for n in range(5)]
-    await save_all(store, stored)
-    live_new = message(5)
-
-    async def race(page: list[Message]) -> None:
-        # While the replay's first page is being read: one message the replay will also
-        # find (stored[3], on a later page), one only live.
-        await store.save([live_new])
-        hub.dispatch(stored[3])
-        hub.dispatch(live_new)
-
-    store.on_pending = race
-    async with streaming(store, hub) as running:
-        ids = await running.sink.wait_for(6)
-        await trio.testing.wait_all_tasks_blocked()
-        events = running.sink.events
-        assert running.sink.message_ids == [m.id for m in [*stored, live_new]]
-        assert [json.loads(e.data)["n"] for e in events if e.event == "message"] == list(range(6))
-        assert ids == sorted(ids)
+@asynccontextmanager
+async def feeding(store: SqliteStore, hub: Hub) -> AsyncIterator[None]:
+    """The store's feed pumped into the hub, as an instance runs it."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_pump_feed, store, hub)
+        yield
+        nursery.cancel_scope.cancel()
 
 
-async def test_live_message_the_replay_leaves_out_still_comes_before_later_ids(
-    store: HookedStore,
-) -> None:
-    """Another tab's Last-Event-ID acknowledged n=0 (DELIVERED: no replay brings it), while
-    it waits live in this stream's buffer; the replay finds n=1. n=0 goes out first."""
-    hub = Hub(64)
-    first, second = message(0), message(1)
-    await save_all(store, [first, second])
-    await store.mark_sent([first.id])
-    await store.ack_through(*KEY, first.id)
+async def logged(store: SqliteStore, messages: Sequence[Message]) -> list[Message]:
+    """`messages` saved, as the store logged them (with their places)."""
+    await store.save(list(messages))
+    head = await store.head(*KEY)
+    assert head is not None
+    found = await store.logged(*KEY, Position(head.epoch, 0), through=head.seq, limit=1000)
+    by_id = {m.id: m for m in found}
+    return [by_id[m.id] for m in messages]
 
-    async def dispatch_the_first(page: list[Message]) -> None:
-        assert [m.id for m in page] == [second.id]
-        assert hub.dispatch(first) == 1
 
-    store.on_pending = dispatch_the_first
-    async with streaming(store, hub) as running:
-        assert await running.sink.wait_for(2) == [first.id, second.id]
+def numbers(sink: MemorySink) -> list[int]:
+    return [json.loads(e.data)["n"] for e in sink.events if e.event == "message"]
 
 
 async def test_first_frame_is_a_ping_and_replay_precedes_live(store: HookedStore) -> None:
+    hub = Hub(64)
     stored = [message(n) for n in range(3)]
     await save_all(store, stored)
-    async with streaming(store) as running:
+    async with feeding(store, hub), streaming(store, hub) as running:
         await running.sink.wait_for(3)
         fresh = message(3)
         await store.save([fresh])
-        assert running.hub.dispatch(fresh) == 1
         await running.sink.wait_for(4)
         assert running.sink.events[0] == sse.Event(event="ping", data="1")
         assert running.sink.message_ids == [m.id for m in [*stored, fresh]]
@@ -182,12 +178,128 @@ async def test_first_frame_is_a_ping_and_replay_precedes_live(store: HookedStore
                 await trio.sleep(0.01)
 
 
+async def test_a_message_logged_during_the_replay_is_written_once_in_log_order(
+    store: HookedStore,
+) -> None:
+    hub = Hub(64)
+    stored = await logged(store, [message(n) for n in range(5)])
+    live_new = message(5)
+
+    async def race(page: list[Message]) -> None:
+        # While the replay's first page is read: a repeat of one the replay will find (on a
+        # later page), and a new one, reported live.
+        (fresh,) = await logged(store, [live_new])
+        hub.dispatch(stored[3])
+        hub.dispatch(fresh)
+
+    store.on_logged = race
+    async with streaming(store, hub, last_event_id=SEEN_NOTHING, browser_client=True) as running:
+        await running.sink.wait_for(6)
+        await trio.testing.wait_all_tasks_blocked()
+        assert numbers(running.sink) == list(range(6))
+
+
+async def test_a_late_report_of_what_the_tab_had_is_dropped(store: HookedStore) -> None:
+    """Issue #13, case 2: a page showed m and reloads onto another instance, whose feed
+    reports m's insert after the new stream has started from m's position."""
+    hub = Hub(64)
+    shown, later = await logged(store, [message(0), message(1)])
+    async with streaming(store, hub, last_event_id=shown.id, browser_client=True) as running:
+        await running.sink.wait_for(1)
+        hub.dispatch(shown)  # late
+        hub.dispatch(later)  # a repeat of what the replay wrote
+        hub.dispatch(shown)
+        await trio.testing.wait_all_tasks_blocked()
+        assert numbers(running.sink) == [1]
+
+
+async def test_a_gap_is_read_from_the_store_before_the_message_after_it(
+    store: HookedStore,
+) -> None:
+    """Issue #13, case 3: turn 2 reaches this instance's feed before turn 1 (another
+    instance's feed logged turn 1): the stream writes turn 1 first."""
+    hub = Hub(64)
+    async with streaming(store, hub) as running:
+        await trio.testing.wait_all_tasks_blocked()
+        first, second = await logged(store, [message(0), message(1)])
+        hub.dispatch(second)
+        await running.sink.wait_for(2)
+        hub.dispatch(first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert numbers(running.sink) == [0, 1]
+
+
+async def test_a_report_from_a_log_that_has_ended_is_dropped(store: HookedStore) -> None:
+    hub = Hub(64)
+    (current,) = await logged(store, [message(0)])
+    stale = dataclasses.replace(message(9), epoch=current.epoch + 1, seq=7)
+    async with streaming(store, hub, last_event_id=current.id) as running:
+        await trio.testing.wait_all_tasks_blocked()
+        hub.dispatch(stale)  # another epoch, which the store's log is not in
+        (fresh,) = await logged(store, [message(1)])
+        hub.dispatch(fresh)
+        await running.sink.wait_for(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert numbers(running.sink) == [1]
+
+
+async def test_the_id_sent_back_acknowledges_its_log_up_to_it_and_no_further(
+    store: HookedStore,
+) -> None:
+    """Issue #13, case 1: x was shown; y, sent after it through another instance, has an
+    older id and was written (SENT) just as the connection died. The tab comes back with
+    x: y is replayed, and not acknowledged."""
+    later_clock = IdGenerator(clock=lambda: 2_000_000_000)
+    earlier_clock = IdGenerator(clock=lambda: 1_000_000_000)
+    x = Message(later_clock(), *KEY, {"n": 0})
+    y = Message(earlier_clock(), *KEY, {"n": 1})
+    assert y.id < x.id
+    await logged(store, [x])
+    await logged(store, [y])
+    await store.mark_sent([x.id, y.id])
+    async with streaming(store, last_event_id=x.id) as running:
+        await running.sink.wait_for(1)
+        assert numbers(running.sink) == [1]
+        assert (await store.get(x.id)).state == State.DELIVERED  # type: ignore[union-attr]
+        assert (await store.get(y.id)).state == State.SENT  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("browser_client", "replayed"),
+    [(False, [0]), (True, [0, 1])],
+    ids=["header: Tock's rule", "browser client: seen nothing"],
+)
+async def test_an_id_the_store_does_not_know(
+    store: HookedStore, browser_client: bool, replayed: list[int]
+) -> None:
+    _, sent, delivered = await logged(store, [message(0), message(1), message(2)])
+    await store.mark_sent([sent.id])
+    await store.ack(*KEY, [delivered.id])
+    async with streaming(store, last_event_id=new_id(), browser_client=browser_client) as running:
+        await running.sink.wait_for(len(replayed))
+        await trio.testing.wait_all_tasks_blocked()
+        assert numbers(running.sink) == replayed
+
+
+async def test_a_stream_of_a_user_with_no_log_takes_the_first_message_of_a_new_one(
+    store: HookedStore,
+) -> None:
+    hub = Hub(64)
+    async with feeding(store, hub), streaming(store, hub) as running:
+        await trio.testing.wait_all_tasks_blocked()
+        await store.save([message(0)])
+        await store.save([message(1)])
+        await running.sink.wait_for(2)
+        assert numbers(running.sink) == [0, 1]
+
+
 async def test_store_outage_during_replay_keeps_pinging_then_replays(store: HookedStore) -> None:
     stored = [message(n) for n in range(3)]
     await save_all(store, stored)
     store.failures = 2
     async with streaming(store, keepalive=0.2) as running:
         assert await running.sink.wait_for(3) == [m.id for m in stored]
+        assert store.failures == 0
         # pings kept the stream alive through the back-off (0.5 s then 1 s)
         assert sum(e.event == "ping" for e in running.sink.events) >= 3
 
@@ -197,7 +309,7 @@ async def test_client_gone_ends_the_stream_and_unregisters(store: HookedStore) -
         await trio.testing.wait_all_tasks_blocked()
         assert running.hub.stream_count(KEY) == 1
         running.sink.gone = True
-        running.hub.dispatch(message(0))
+        running.hub.dispatch((await logged(store, [message(0)]))[0])
         await running.done.wait()
         assert running.hub.stream_count(KEY) == 0
 
@@ -243,8 +355,12 @@ async def test_sent_marker_flushes_every_queued_mark_on_close(store: HookedStore
     await marker.run()
     assert marker.flushed.is_set()
     assert marker.dropped == 1
-    pending = await store.pending(*KEY, Replay(sent=False), after=None, limit=10)
-    assert pending == []
+    head = await store.head(*KEY)
+    assert head is not None
+    unsent = await store.logged(
+        *KEY, Position(head.epoch, 0), through=head.seq, limit=10, replay=Replay(sent=False)
+    )
+    assert unsent == []
 
 
 async def test_sent_marker_drops_marks_when_full(store: HookedStore) -> None:
@@ -268,100 +384,3 @@ async def test_history_lost_makes_open_streams_catch_up_from_the_store(
         assert running.sink.message_ids == [first.id]
         running.hub.history_lost()
         assert await running.sink.wait_for(2) == [first.id, missed.id]
-
-
-def slow_first_save(store: HookedStore) -> tuple[trio.Event, trio.Event]:
-    """Make the store's next save wait: the first event is set when it starts, and it goes
-    on once the second one is set. Later saves run at once."""
-    started, release = trio.Event(), trio.Event()
-    real_save = store.save
-
-    async def save(messages: Sequence[Message]) -> None:
-        if not started.is_set():
-            started.set()
-            await release.wait()
-        await real_save(messages)
-
-    store.save = save  # type: ignore[method-assign]
-    return started, release
-
-
-async def test_concurrent_sends_are_dispatched_in_id_order(store: HookedStore) -> None:
-    from sidecar.http.send import store_and_dispatch
-
-    hub = Hub(64)
-    first_saving, release_first = slow_first_save(store)
-    with hub.subscribe(KEY) as sub:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 0})])
-            await first_saving.wait()
-            nursery.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 1})])
-            while not await store.pending(*KEY, Replay(sent=False), after=None, limit=5):
-                await trio.sleep(0.01)
-            # The second send is saved, but not dispatched ahead of the earlier id.
-            with pytest.raises(trio.WouldBlock):
-                sub.receive.receive_nowait()
-            release_first.set()
-        received = [sub.receive.receive_nowait(), sub.receive.receive_nowait()]
-    assert [m.response["n"] for m in received if isinstance(m, Message)] == [0, 1]
-
-
-async def test_replay_leaves_a_send_in_flight_to_come_live_in_id_order(
-    store: HookedStore,
-) -> None:
-    from sidecar.http.send import store_and_dispatch
-
-    hub = Hub(64)
-    first_saving, release_first = slow_first_save(store)
-    async with trio.open_nursery() as senders:
-        senders.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 0})])
-        await first_saving.wait()
-        senders.start_soon(store_and_dispatch, store, hub, [(*KEY, {"n": 1})])
-        while not await store.pending(*KEY, Replay(sent=False), after=None, limit=5):
-            await trio.sleep(0.01)
-        # A stream opens now: its replay finds n=1 committed, n=0 still being saved.
-        async with streaming(store, hub) as running:
-            await trio.testing.wait_all_tasks_blocked()
-            assert running.sink.message_ids == []
-            release_first.set()
-            await running.sink.wait_for(2)
-            events = [e for e in running.sink.events if e.event == "message"]
-            assert [json.loads(e.data)["n"] for e in events] == [0, 1]
-    assert not hub.in_flight
-
-
-async def test_replay_leaves_out_sends_dispatched_while_its_query_ran(
-    store: HookedStore,
-) -> None:
-    """The replay's query finds n=1 committed and n=0 not yet; both are dispatched before
-    the query returns. Checking only what is in flight when it returns, the replay would
-    write n=1, then n=0 would come live after it."""
-    from sidecar.http.send import store_and_dispatch
-
-    hub = Hub(64)
-    first_saving, release_first = slow_first_save(store)
-
-    async def dispatch_both_before_returning(page: list[Message]) -> None:
-        assert [m.response["n"] for m in page] == [1]
-        release_first.set()
-        while not all(done.is_set() for done in sends_done):
-            await trio.sleep(0.01)
-
-    sends_done = [trio.Event(), trio.Event()]
-
-    async def send(n: int) -> None:
-        await store_and_dispatch(store, hub, [(*KEY, {"n": n})])
-        sends_done[n].set()
-
-    async with trio.open_nursery() as senders:
-        senders.start_soon(send, 0)
-        await first_saving.wait()
-        senders.start_soon(send, 1)
-        while not await store.pending(*KEY, Replay(sent=False), after=None, limit=5):
-            await trio.sleep(0.01)
-        store.on_pending = dispatch_both_before_returning
-        async with streaming(store, hub) as running:
-            await running.sink.wait_for(2)
-            await trio.testing.wait_all_tasks_blocked()
-            events = [e for e in running.sink.events if e.event == "message"]
-            assert [json.loads(e.data)["n"] for e in events] == [0, 1]

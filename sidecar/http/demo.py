@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 
 from sidecar.config import Settings
 from sidecar.http.common import json_response
-from sidecar.http.send import json_body, parse_item, store_and_dispatch
+from sidecar.http.send import json_body, parse_item, store_messages
 from sidecar.hub import Hub
 from sidecar.store.base import Store
 
@@ -50,5 +50,5 @@ def install_demo_routes(app: QuartTrio, settings: Settings, hub: Hub, store: Sto
     @app.post("/demo/send")
     async def demo_send() -> Response:
         item = parse_item(await json_body(settings.max_payload_bytes), settings)
-        (result,) = await store_and_dispatch(store, hub, [item])
+        (result,) = await store_messages(store, hub, [item])
         return json_response(result, 202)

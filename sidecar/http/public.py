@@ -38,6 +38,7 @@ from sidecar.http.demo import install_demo_routes
 from sidecar.http.disconnect import disconnect_callbacks
 from sidecar.http.observe import SendWithId
 from sidecar.hub import Hub
+from sidecar.protocol.delivery import SEEN_NOTHING
 from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
 from sidecar.stream import SentMarker, StreamOptions, serve_stream
@@ -157,7 +158,10 @@ class PublicApp:
             return await self._error(scope, send, exc.status, exc.code, exc.message)
         user_id = resolved.user_id
         set_cookie = [(b"set-cookie", resolved.set_cookie.encode())] if resolved.set_cookie else []
+        # EventSource sends the header on its own reconnects; the browser client always
+        # sends the query (docs/delivery.md), which names the id a reload resumes from.
         raw_last = _header(scope, b"last-event-id") or query.get("lastEventId") or None
+        browser_client = "lastEventId" in query
         last_event_id = normalize_id(raw_last) if raw_last is not None else None
         if raw_last is not None and last_event_id is None:
             return await self._error(
@@ -202,6 +206,7 @@ class PublicApp:
                 marker=self._marker,
                 key=(connector.id, user_id),
                 last_event_id=last_event_id,
+                browser_client=browser_client,
                 options=self._options,
                 cancel_scope=client.scope if client is not None else None,
             )
@@ -399,8 +404,10 @@ def _ack_view(
             raise ApiError(400, "invalid_ack", "ids must all be message ids")
         if valid:
             await store.ack(connector.id, user_id, valid)
-        if last_id is not None:
-            await store.ack_through(connector.id, user_id, last_id)
+        if last_id is not None and last_id != SEEN_NOTHING:
+            position = await store.position_of(connector.id, user_id, last_id)
+            if position is not None:
+                await store.acknowledge_through(connector.id, user_id, position)
         response = Response(b"", 204)
         del response.headers["Content-Type"]
         return response

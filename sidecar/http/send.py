@@ -1,7 +1,7 @@
 """The bot-facing listener: the send API, health, metrics and the OpenAPI document.
 
-A 202 means the message is committed to the store; it is then queued on this instance's
-open streams of the recipient without waiting for them. Bad input changes nothing.
+A 202 means the message is committed to the store; streams get it from the store's feed
+(sidecar/stream.py). Bad input changes nothing.
 
 `SendApp` serves the two send routes as plain ASGI in front of the quart-trio app (the
 busiest routes skip the framework's per-request work: request context, a reader task,
@@ -14,15 +14,12 @@ answers it already gives.
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import json
 import logging
-from functools import partial
 from importlib import resources
 from typing import Any
 
-import trio
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import Scope
@@ -120,52 +117,24 @@ def parse_batch(payload: Any, settings: Settings) -> list[tuple[str, str, dict[s
     return [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
 
 
-@dataclasses.dataclass(eq=False)
-class _Saved:
-    """One send's messages, saved, waiting for their turn to be dispatched."""
-
-    messages: list[Message]
-    since: float
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    dispatched: trio.Event = dataclasses.field(default_factory=trio.Event)
-
-    def dispatch(self, hub: Hub) -> None:
-        hub.in_flight.discard(self.messages)
-        for m in self.messages:
-            delivered = hub.dispatch(m)
-            if delivered:
-                hub.metrics.await_first_write(m.id, self.since)
-            self.results.append({"id": m.id, "deliveredTo": delivered})
-        self.dispatched.set()
-
-
-async def store_and_dispatch(
+async def store_messages(
     store: Store, hub: Hub, items: list[tuple[str, str, dict[str, Any]]]
 ) -> list[dict[str, Any]]:
-    """Commit validated items (from `parse_item`) to the store, then queue each on this
-    instance's open streams of its recipient; the send API's answer for each.
-
-    Saves run concurrently, but dispatch follows id order (`Sequencer`): the ids and the
-    ticket are taken in one step, with no checkpoint in between."""
+    """Commit validated items (from `parse_item`) to the store, in their order; the send
+    API's answer for each. Nothing is dispatched from here: every stream is fed from the
+    store's feed, in its user's log order (docs/delivery.md). `deliveredTo` counts the
+    recipient's streams open on this instance."""
+    metrics = hub.metrics
+    since = metrics.clock()
     messages = [Message(new_id(), c, r, response) for c, r, response in items]
-    ticket = hub.sequencer.take()
-    hub.in_flight.add(messages)
-    batch = _Saved(messages, hub.metrics.clock())
-    saved = False
-    try:
-        await store.save(messages)
-        saved = True
-    finally:
-        if not saved:
-            hub.in_flight.discard(messages)
-        # A failed save still finishes its ticket, so the sends behind it go out.
-        for dispatch in hub.sequencer.finish(
-            ticket, partial(batch.dispatch, hub) if saved else None
-        ):
-            dispatch()
-    # Dispatched by now, or as soon as the sends before it are saved (or have failed).
-    await batch.dispatched.wait()
-    return batch.results
+    results = []
+    for m in messages:
+        streams = hub.stream_count(m.key)
+        if streams:
+            metrics.await_first_write(m.id, since)
+        results.append({"id": m.id, "deliveredTo": streams})
+    await store.save(messages)
+    return results
 
 
 def _bearer_ok(given: str, token: bytes) -> bool:
@@ -212,13 +181,13 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
     @app.post("/v1/send")
     async def send() -> Response:
         item = parse_item(await json_body(settings.max_payload_bytes), settings)
-        (result,) = await store_and_dispatch(store, hub, [item])
+        (result,) = await store_messages(store, hub, [item])
         return json_response(result, 202)
 
     @app.post("/v1/send/batch")
     async def send_batch() -> Response:
         items = parse_batch(await json_body(settings.max_batch_bytes), settings)
-        return json_response({"results": await store_and_dispatch(store, hub, items)}, 202)
+        return json_response({"results": await store_messages(store, hub, items)}, 202)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -303,7 +272,7 @@ class SendApp:
             payload = parse_json(b"".join(chunks))
             if path == "/v1/send":
                 item = parse_item(payload, self._settings)
-                (result,) = await store_and_dispatch(self._store, self._hub, [item])
+                (result,) = await store_messages(self._store, self._hub, [item])
                 body = _compact(result)
             else:
                 body = _compact({"results": await self._batch(payload)})
@@ -319,7 +288,7 @@ class SendApp:
 
     async def _batch(self, payload: Any) -> list[dict[str, Any]]:
         items = parse_batch(payload, self._settings)
-        return await store_and_dispatch(self._store, self._hub, items)
+        return await store_messages(self._store, self._hub, items)
 
 
 def _mimetype(content_type: bytes) -> str:

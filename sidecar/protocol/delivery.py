@@ -1,9 +1,14 @@
-"""Delivery rules: what an ack touches, what a connect replays.
+"""Delivery rules (docs/delivery.md): a stream's position in its user's log, what a connect
+without a position replays, and what a frame id sent back means. No I/O.
+
+Each user's messages form a log numbered 1, 2, ... without gap within an epoch, the same on
+every instance; the stores number it (`Store` states the contract). A stream writes each
+seq of its user's log once, in order (`step`); a tab's position is the seq of the last
+message it received, and an acknowledgement by position covers every seq up to it.
 
 The states only move forward, ENQUEUED -> SENT -> DELIVERED (SENT may be skipped): every
-store update filters on a lower current state. Stores turn these rules into queries;
-`Replay.selects` and `acked_by_last_event_id` are the reference that the store conformance
-tests hold every store to.
+store update filters on a lower current state. They decide only what a connect without a
+position gets (`Replay`).
 """
 
 from __future__ import annotations
@@ -13,51 +18,21 @@ import enum
 
 from sidecar.protocol.message import State
 
-
-def acked_by_last_event_id(state: State, message_id: str, last_event_id: str) -> bool:
-    """A Last-Event-ID acknowledges the messages already written to some stream (SENT) whose
-    id is not after it. An ENQUEUED message was never written anywhere, so the client cannot
-    have it, whatever its id (ids from several instances are only roughly time-ordered)."""
-    return state == State.SENT and message_id <= last_event_id
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Replay:
-    """What a new stream gets before live messages.
-
-    - ENQUEUED messages always (nobody has seen them);
-    - SENT messages when `sent` is true, and then only those after `sent_after` when it is
-      set (a client that says which id it last saw has everything up to it);
-    - DELIVERED messages never.
-    """
-
-    sent: bool
-    sent_after: str | None = None
-
-    @classmethod
-    def on_connect(cls, last_event_id: str | None, *, replay_sent: bool) -> Replay:
-        """Tock's rule for a client that sends no id (a legacy client never acks, so SENT
-        messages would come back on every reconnect): ENQUEUED only, unless `replay_sent`.
-        With an id: everything not yet delivered that the client cannot have."""
-        if last_event_id is None:
-            return cls(sent=replay_sent)
-        return cls(sent=True, sent_after=last_event_id)
-
-    def selects(self, state: State, message_id: str) -> bool:
-        if state == State.ENQUEUED:
-            return True
-        if state == State.SENT and self.sent:
-            return self.sent_after is None or message_id > self.sent_after
-        return False
+# The id the browser client sends back when its tab has received nothing yet: "I have
+# seen nothing" (everything not yet acknowledged), which no id in a store ever is.
+SEEN_NOTHING = "0" * 24
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
 class Position:
-    """A place in a user's log: messages numbered 1, 2, ... without gap within an epoch,
-    the same on every instance (docs/delivery.md). Seq 0 is before the first message."""
+    """A place in a user's log. Seq 0 is before the first message of the epoch."""
 
     epoch: int
     seq: int
+
+
+# Where a stream of a user with no log yet starts: any epoch is another.
+NOWHERE = Position(0, 0)
 
 
 class Step(enum.Enum):
@@ -76,3 +51,28 @@ def step(position: Position, epoch: int, seq: int) -> Step:
     if seq <= position.seq:
         return Step.DROP
     return Step.WRITE if seq == position.seq + 1 else Step.GAP
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """What a connect without a position gets, by state: ENQUEUED always (nobody has seen
+    them), SENT when `sent` is true, DELIVERED never."""
+
+    sent: bool
+
+    @classmethod
+    def on_connect(cls, seen_nothing: bool, *, replay_sent: bool) -> Replay:
+        """A browser-client tab that says it has seen nothing gets everything not yet
+        acknowledged. A client that sends no id (or one the store does not know) gets Tock's
+        rule: only what no stream was written (a legacy client never acks, so SENT messages
+        would come back on every reconnect), or everything not acknowledged with
+        `replay_sent`."""
+        return cls(sent=seen_nothing or replay_sent)
+
+    def selects(self, state: State) -> bool:
+        return state == State.ENQUEUED or (state == State.SENT and self.sent)
+
+    @property
+    def states(self) -> tuple[State, ...]:
+        """The states it selects, for store queries."""
+        return tuple(s for s in State if self.selects(s))

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import trio
 
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message
 
 
@@ -32,18 +32,44 @@ FeedItem = Message | HistoryLost
 
 
 class Store(Protocol):
-    async def save(self, messages: Sequence[Message]) -> list[str]:
-        """Store `messages` durably, all or none, before returning the ids among them that
-        were stored already. Saving an id that is already stored is not an error and
-        changes nothing (a retried save succeeds).
-        Cancelled, it either stores nothing and raises, or returns once they are stored:
-        the send API dispatches what a save that returned stored."""
+    """A message store and its users' logs.
 
-    async def pending(
-        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
+    The log contract (docs/delivery.md), which the store conformance suite holds every
+    store to: each message a store holds for delivery has a place in its user's log, an
+    (epoch, seq) that never changes; the seqs of one epoch are 1, 2, ... with no gap but
+    those that expiry makes, and a seq is only given once every lower seq of its epoch was.
+    When a save returned before another save of the same user began, its messages have
+    the lower seqs; the messages of one save are logged in their order. A user's epoch
+    changes only when none of its logged messages is left."""
+
+    async def save(self, messages: Sequence[Message]) -> list[str]:
+        """Store `messages` durably, in their order, before returning the ids among them
+        that were stored already. Saving an id that is already stored is not an error and
+        stores nothing (a retried save succeeds).
+        Cancelled, it either stores nothing and raises, or returns once they are stored."""
+
+    async def head(self, connector_id: str, recipient_id: str) -> Position | None:
+        """The user's latest logged place, or None when the user has no log."""
+
+    async def position_of(
+        self, connector_id: str, recipient_id: str, message_id: str
+    ) -> Position | None:
+        """The place of this user's message `message_id` in its log, or None when the store
+        has no logged message of that id for this user."""
+
+    async def logged(
+        self,
+        connector_id: str,
+        recipient_id: str,
+        after: Position,
+        *,
+        through: int,
+        limit: int,
+        replay: Replay | None = None,
     ) -> list[Message]:
-        """Up to `limit` messages of this recipient that `replay` selects, with an id after
-        `after` when it is set, in id order."""
+        """Up to `limit` of the user's messages in `after`'s epoch with a seq after
+        `after.seq` and up to `through`, in seq order; only those `replay` selects by state
+        when it is given."""
 
     async def mark_sent(self, ids: Sequence[str]) -> int:
         """Move the ENQUEUED ones of `ids` to SENT; returns how many moved."""
@@ -52,9 +78,11 @@ class Store(Protocol):
         """Move the messages of `ids` that belong to this recipient and are not yet
         DELIVERED to DELIVERED; returns how many moved."""
 
-    async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
-        """Move this recipient's SENT messages with an id <= `last_event_id` to DELIVERED
-        (see `delivery.acked_by_last_event_id`); returns how many moved."""
+    async def acknowledge_through(
+        self, connector_id: str, recipient_id: str, position: Position
+    ) -> int:
+        """Move this user's messages in `position`'s epoch with a seq up to its seq, not yet
+        DELIVERED, to DELIVERED; returns how many moved."""
 
     async def get(self, message_id: str) -> Message | None:
         """One message by id, or None."""
@@ -69,12 +97,11 @@ class Store(Protocol):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Until cancelled, send every message saved from now on by any other writer of
-        this store's data (another process, another store object) into `send`, or
+        """Until cancelled, send every message logged from now on, by any writer of this
+        store's data (this store object included), into `send` with its epoch and seq, or
         `HistoryLost` when some may have been missed. Calls `task_status.started()` once it
-        is watching. Saves made through this store object may be sent too or left out (the
-        instance dispatches those itself), and a message may be sent more than once:
-        consumers drop repeats by id."""
+        is watching. A message may be sent more than once, and late: streams place each by
+        its seq."""
 
     async def aclose(self) -> None:
         """Release the store's resources."""

@@ -20,16 +20,23 @@ wrote int32 2 (DELIVERED), read as such. The sidecar only ever writes int32 0 (i
 and int32 1 (`SENT_MARK`), on a document whose `status` is int32 0: the same BSON size, so
 a capped collection takes the update and Tock still decodes the document.
 
-Delivery state. The browser's acknowledgement (DELIVERED) cannot live in `status`, and
-SENT cannot be written into a document whose `status` is not int32 0 without changing its
-size or writing a value Tock cannot decode. Both live in a collection of the sidecar's own,
-`DELIVERY` (`{_id: <message id>, appId, recipientId, state, at}`), and a message's state is
-the higher of the two (`state_of`). Documents the sidecar did not insert are never changed
-in any other way.
+The log and the delivery state. Each user's log (docs/delivery.md) and what Tock's
+`status` cannot hold live in a collection of the sidecar's own, `DELIVERY`: one record per
+logged message, `{_id: <message id>, appId, recipientId, epoch, seq, state, at}`, made by
+the first feed that sees the message's insert (`log_record`, `place_after`), under a
+unique index on `(appId, recipientId, seq)`. The browser's acknowledgement (DELIVERED)
+cannot live in `status`, and SENT cannot be written into a document whose `status` is not
+int32 0 without changing its size or writing a value Tock cannot decode: both live in the
+record, and a message's state is the higher of the two (`state_of`). Documents the sidecar
+did not insert are never changed in any other way.
+
+The feed's checkpoint is the one document per set of connectors in `FEED`
+(`{_id: feed_key(...), at: <cluster time>}`), moved forward only (`$max`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import heapq
 import math
@@ -47,6 +54,7 @@ Document = dict[str, Any]
 
 COLLECTION: Final = "web_channel_event"
 DELIVERY: Final = "sidecar_delivery"
+FEED: Final = "sidecar_feed"
 
 _HEX = re.compile(r"[0-9a-f]{24}")
 # What a string `_id` must look like to be a message (a regular expression MongoDB runs).
@@ -151,19 +159,38 @@ def delivery_states(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return {r["_id"]: int(r["state"]) for r in records if isinstance(r.get("state"), int)}
 
 
-def delivery_update(
-    doc: Mapping[str, Any], state: State, at: datetime.datetime
-) -> tuple[Document, Document]:
-    """The upsert that records `state` for `doc` in `DELIVERY` (filter, update). `$max`:
-    a state never moves back, whichever of two writers comes last."""
-    return (
-        {"_id": message_id(doc["_id"])},
-        {
-            "$max": {"state": int(state)},
-            "$setOnInsert": {"appId": doc.get("appId"), "recipientId": doc.get("recipientId"),
-                             "at": at},
-        },
-    )  # fmt: skip
+def place_after(head: Mapping[str, Any] | None, new_epoch: int) -> tuple[int, int]:
+    """The (epoch, seq) a claim takes after the user's highest record `head`: the next seq
+    in its epoch, or seq 1 in `new_epoch` when the user has no record."""
+    if head is None:
+        return new_epoch, 1
+    return int(head["epoch"]), int(head["seq"]) + 1
+
+
+def log_record(message: Message, epoch: int, seq: int, at: datetime.datetime) -> Document:
+    """The `DELIVERY` record that logs `message` at (epoch, seq), made at `at`."""
+    return {
+        "_id": message.id,
+        "appId": message.connector_id,
+        "recipientId": message.recipient_id,
+        "epoch": epoch,
+        "seq": seq,
+        "state": int(State.ENQUEUED),
+        "at": at,
+    }
+
+
+def placed(message: Message, record: Mapping[str, Any]) -> Message:
+    """`message` at the place its record gives it, in the higher of the two states."""
+    state = max(message.state, State(int(record.get("state", 0))))
+    return dataclasses.replace(
+        message, epoch=int(record["epoch"]), seq=int(record["seq"]), state=state
+    )
+
+
+def feed_key(connector_ids: Iterable[str]) -> str:
+    """The `FEED` checkpoint's `_id` for feeds of these connectors."""
+    return "feed:" + ",".join(sorted(connector_ids))
 
 
 def to_document(message: Message) -> Document:

@@ -17,17 +17,20 @@ the server cannot resume from there any more.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import logging
+import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import trio
 from bson.timestamp import Timestamp
-from pymongo import ASCENDING, MongoClient, UpdateOne, monitoring
+from pymongo import ASCENDING, MongoClient, monitoring
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -36,17 +39,19 @@ from pymongo.errors import (
     CollectionInvalid,
     ConnectionFailure,
     CursorNotFound,
+    DuplicateKeyError,
     OperationFailure,
     PyMongoError,
 )
+from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 from sidecar.config import Settings
-from sidecar.protocol.delivery import Replay
+from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message, State
 from sidecar.store import documents
 from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
-from sidecar.store.documents import COLLECTION, DELIVERY, Document
+from sidecar.store.documents import COLLECTION, DELIVERY, FEED, Document
 
 T = TypeVar("T")
 
@@ -89,6 +94,16 @@ FEED_BACKOFF_MAX = 2.0
 CANCEL_CHECK_INTERVAL = 0.1
 # Documents read at a time while looking for the oldest unsent message (capped headroom).
 HEADROOM_PAGE = 200
+# The feeds' checkpoint is written at most this often (seconds).
+CHECKPOINT_INTERVAL = 1.0
+# Adoption reads this many documents at a time, from this many seconds before the last
+# point known logged (enqueuedAt is the writer's clock).
+ADOPTION_PAGE = 200
+ADOPTION_MARGIN = 60
+# What a feed remembers of users' log heads (see `_Heads`), and of this store's saves.
+HEAD_MEMORY = 30.0
+HEADS_KEPT = 10000
+OWN_SAVES_KEPT = 10000
 # Without any better "now" from the server, start this many seconds back (repeats are fine).
 WALL_CLOCK_MARGIN = 3
 
@@ -167,6 +182,59 @@ class _ChangeStreamOpens(monitoring.CommandListener):
         pass
 
 
+class _Heads:
+    """The last log place a feed saw per user, each good for `HEAD_MEMORY` seconds, at
+    most `HEADS_KEPT` users (the oldest go). A hint: a claim at a stale one is refused by
+    the log's unique index."""
+
+    def __init__(self) -> None:
+        self._places: OrderedDict[tuple[str, str], tuple[float, Document]] = OrderedDict()
+
+    def get(self, user: tuple[str, str], now: float) -> Document | None:
+        found = self._places.get(user)
+        return found[1] if found is not None and now - found[0] < HEAD_MEMORY else None
+
+    def put(self, user: tuple[str, str], head: Document, now: float) -> None:
+        self._places[user] = (now, head)
+        self._places.move_to_end(user)
+        while len(self._places) > HEADS_KEPT:
+            self._places.popitem(last=False)
+
+    def forget(self, user: tuple[str, str]) -> None:
+        self._places.pop(user, None)
+
+
+class _RecentIds:
+    """The last `size` ids added, from any thread."""
+
+    def __init__(self, size: int) -> None:
+        self._lock = threading.Lock()
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self._size = size
+
+    def add(self, ids: Iterable[str]) -> None:
+        with self._lock:
+            for i in ids:
+                if i not in self._ids:
+                    self._ids.add(i)
+                    self._order.append(i)
+            while len(self._order) > self._size:
+                self._ids.discard(self._order.popleft())
+
+    def __contains__(self, message_id: object) -> bool:
+        with self._lock:
+            return message_id in self._ids
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Adoption:
+    """What a starting feed logs without the oplog: the messages stored since `since`, or
+    every one when it is None (`MongoStore._adopt`)."""
+
+    since: Timestamp | None
+
+
 class MongoStore:
     def __init__(
         self,
@@ -178,6 +246,14 @@ class MongoStore:
         self._client = client
         self._collection = collection
         self._delivery = collection.database[DELIVERY]
+        # Claims: majority writes, and reads of what a majority has (a claim another feed
+        # made that a failover would roll back must not be built on).
+        self._log_writes = self._delivery.with_options(write_concern=INSERT_WRITE_CONCERN)
+        self._log_reads = self._delivery.with_options(read_concern=ReadConcern("majority"))
+        self._feeds = collection.database[FEED]
+        self._feed_key = documents.feed_key(connector_ids)
+        self._heads = _Heads()
+        self._own_saves = _RecentIds(OWN_SAVES_KEPT)
         self._inserts = collection.with_options(write_concern=INSERT_WRITE_CONCERN)
         self._connector_ids = list(connector_ids)
         self.capped = capped
@@ -240,26 +316,33 @@ class MongoStore:
         return await trio.to_thread.run_sync(guarded)
 
     async def save(self, messages: Sequence[Message]) -> list[str]:
-        """Insert `messages` with write concern majority, in order. Ids already stored are
-        left as they are (a retried save succeeds) and returned. MongoDB has no all-or-none
-        here without a transaction: on StoreUnavailable some may be stored, and the retry
-        inserts the rest."""
+        """Insert `messages` with write concern majority, in their order (an ordered insert:
+        the feed logs them in that order). Ids already stored are left as they are (a
+        retried save succeeds) and returned. MongoDB has no all-or-none here without a
+        transaction: on StoreUnavailable some may be stored, and the retry inserts the
+        rest."""
         docs = [documents.to_document(m) for m in messages]
-        if not docs:
-            return []
+        self._own_saves.add(m.id for m in messages)
 
         def save() -> list[str]:
-            try:
-                self._inserts.insert_many(docs, ordered=False)
-            except BulkWriteError as exc:
-                details = exc.details
-                errors = details.get("writeErrors", [])
-                if details.get("writeConcernErrors") or any(
-                    e.get("code") != DUPLICATE_KEY for e in errors
-                ):
-                    raise
-                return [docs[e["index"]]["_id"] for e in errors]
-            return []
+            stored: list[str] = []
+            start = 0
+            while start < len(docs):
+                try:
+                    self._inserts.insert_many(docs[start:], ordered=True)
+                    return stored
+                except BulkWriteError as exc:
+                    details = exc.details
+                    errors = details.get("writeErrors", [])
+                    if details.get("writeConcernErrors") or any(
+                        e.get("code") != DUPLICATE_KEY for e in errors
+                    ):
+                        raise
+                    stored += [docs[start + e["index"]]["_id"] for e in errors]
+                    # MongoDB stops an ordered insert at its first error; mongo-java-server
+                    # goes on. Either way the insert resumes after the last error.
+                    start += errors[-1]["index"] + 1 if errors else len(docs)
+            return stored
 
         return await self._run(save)
 
@@ -284,76 +367,87 @@ class MongoStore:
         ]
         return documents.merge_by_id(pages, limit)
 
-    async def pending(
-        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
-    ) -> list[Message]:
-        # The query finds every document `replay` may select by its `status`; the delivery
-        # records then decide (`Replay.selects` on the state `documents.state_of` gives).
-        unsent = documents.status_forms(State.ENQUEUED)
-        if not replay.sent:
-            forms = unsent
-        elif replay.sent_after is None:
-            forms = documents.status_forms(State.ENQUEUED, State.SENT)
-        else:
-            sent_after = [
-                documents.id_filter(kind, gt=replay.sent_after) for kind in documents.ID_KINDS
-            ]
-            sent = documents.status_forms(State.SENT)
-            forms = [*unsent, *({**form, "$or": sent_after} for form in sent)]
-        query: Document = {"appId": connector_id, "recipientId": recipient_id, "$or": forms}
+    async def head(self, connector_id: str, recipient_id: str) -> Position | None:
+        query = {"appId": connector_id, "recipientId": recipient_id}
 
-        def page(after: str | None, wanted: int) -> tuple[list[Document], bool, dict[str, int]]:
-            docs, more = self._page(query, after, wanted)
-            return docs, more, self._delivery_of(docs)
-
-        # Documents that are not messages, or that their delivery records leave out, are
-        # skipped, and the page is filled past them: fewer than `limit` must mean no more.
-        messages: list[Message] = []
-        while True:
-            docs, more, delivery = await self._run(
-                functools.partial(page, after, limit - len(messages))
+        def head() -> Document | None:
+            return self._delivery.find_one(
+                query, projection={"epoch": 1, "seq": 1}, sort=[("seq", -1)]
             )
-            for doc in docs:
-                message = _message(doc, delivery)
-                if message is not None and replay.selects(message.state, message.id):
-                    messages.append(message)
-            if not more or len(messages) == limit:
+
+        record = await self._run(head)
+        return None if record is None else Position(int(record["epoch"]), int(record["seq"]))
+
+    async def position_of(
+        self, connector_id: str, recipient_id: str, message_id: str
+    ) -> Position | None:
+        query = {"_id": message_id, "appId": connector_id, "recipientId": recipient_id}
+        record = await self._run(
+            lambda: self._delivery.find_one(query, projection={"epoch": 1, "seq": 1})
+        )
+        return None if record is None else Position(int(record["epoch"]), int(record["seq"]))
+
+    async def logged(
+        self,
+        connector_id: str,
+        recipient_id: str,
+        after: Position,
+        *,
+        through: int,
+        limit: int,
+        replay: Replay | None = None,
+    ) -> list[Message]:
+        query: Document = {"appId": connector_id, "recipientId": recipient_id, "epoch": after.epoch}
+        if replay is not None:  # the record's state is a floor: the document may say more
+            query["state"] = {"$in": [int(s) for s in replay.states]}
+
+        def page(seq: int, wanted: int) -> tuple[list[Document], list[Message]]:
+            records = list(
+                self._delivery.find({**query, "seq": {"$gt": seq, "$lte": through}})
+                .sort("seq", ASCENDING)
+                .limit(wanted)
+            )
+            ids = documents.id_values(r["_id"] for r in records)
+            docs = {
+                documents.message_id(d["_id"]): d
+                for d in self._collection.find({"_id": {"$in": ids}})
+            } if ids else {}  # fmt: skip
+            found = []
+            for record in records:
+                doc = docs.get(record["_id"])  # gone when expired or evicted
+                message = None if doc is None else _message(doc, {record["_id"]: record["state"]})
+                if message is not None:
+                    found.append(documents.placed(message, record))
+            return records, found
+
+        # Records whose message is gone, or that `replay` leaves out, are skipped and the
+        # page is filled past them: fewer than `limit` must mean no more.
+        messages: list[Message] = []
+        seq = after.seq
+        while True:
+            wanted = limit - len(messages)
+            records, found = await self._run(functools.partial(page, seq, wanted))
+            messages += [m for m in found if replay is None or replay.selects(m.state)]
+            if len(records) < wanted or len(messages) == limit:
                 return messages
-            after = str(docs[-1]["_id"])
+            seq = int(records[-1]["seq"])
 
     def _move(self, docs: Sequence[Mapping[str, Any]], state: State) -> int:
-        """Record `state` for `docs`, messages in a lower state (in a worker thread): SENT
-        in the document itself where its `status` is int32 0 (DELIVERED implies it), and
-        in `sidecar_delivery` for DELIVERED and for the documents whose `status` cannot be
-        written. Returns how many moved."""
+        """Record `state` for `docs`, logged messages in a lower state (in a worker thread):
+        in their records, and SENT in the document itself where its `status` is int32 0
+        (DELIVERED implies it), which Tock reads. Returns how many moved."""
+        ids = [i for i in (documents.message_id(d.get("_id")) for d in docs) if i is not None]
+        if not ids:
+            return 0
+        moved = self._delivery.update_many(
+            {"_id": {"$in": ids}, "state": {"$lt": int(state)}}, {"$set": {"state": int(state)}}
+        ).modified_count
         in_place = [d["_id"] for d in docs if _int32_zero(d.get("status"))]
-        marked = 0
         if in_place:
-            marked = self._collection.update_many(
+            self._collection.update_many(
                 {"_id": {"$in": in_place}, **documents.SENT_MARK_FILTER}, documents.SENT_MARK
-            ).modified_count
-        recorded = [d for d in docs if state == State.DELIVERED or d["_id"] not in in_place]
-        if not recorded:
-            return marked
-        now = datetime.datetime.now(datetime.UTC)
-        writes = [
-            UpdateOne(*documents.delivery_update(d, state, now), upsert=True) for d in recorded
-        ]
-        try:
-            result = self._delivery.bulk_write(writes, ordered=False)
-            moved = result.upserted_count + result.modified_count
-        except BulkWriteError as exc:
-            # Two writers upserting one record at once: one insert loses; retry it as an
-            # update of the record the other made.
-            details = exc.details
-            if any(e.get("code") != DUPLICATE_KEY for e in details.get("writeErrors", ())):
-                raise
-            moved = details.get("nUpserted", 0) + details.get("nModified", 0)
-            again = self._delivery.bulk_write(
-                [writes[e["index"]] for e in details["writeErrors"]], ordered=False
             )
-            moved += again.upserted_count + again.modified_count
-        return moved if state == State.DELIVERED else moved + marked
+        return moved
 
     def _still(self, query: Document, states: tuple[State, ...]) -> list[Document]:
         """The message documents matching `query` whose state is one of `states` (in a
@@ -368,21 +462,10 @@ class MongoStore:
         values = documents.id_values(ids)
         if not values:
             return 0
-
-        def mark() -> int:
-            # Most documents hold int32 0: one update, as Tock's own mark is.
-            marked = self._collection.update_many(
-                {"_id": {"$in": values}, **documents.SENT_MARK_FILTER}, documents.SENT_MARK
-            ).modified_count
-            if marked == len(values) // 2:
-                return marked
-            rest = self._still(
-                {"_id": {"$in": values}, "$or": documents.status_forms(State.ENQUEUED)},
-                (State.ENQUEUED,),
-            )
-            return marked + self._move(rest, State.SENT)
-
-        return await self._run(mark)
+        query = {"_id": {"$in": values}, "$or": documents.status_forms(State.ENQUEUED)}
+        return await self._run(
+            lambda: self._move(self._still(query, (State.ENQUEUED,)), State.SENT)
+        )
 
     async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
         values = documents.id_values(ids)
@@ -393,31 +476,44 @@ class MongoStore:
             lambda: self._move(self._still(query, (State.ENQUEUED, State.SENT)), State.DELIVERED)
         )
 
-    async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
-        through = [documents.id_filter(kind, lte=last_event_id) for kind in documents.ID_KINDS]
-        query = {
+    async def acknowledge_through(
+        self, connector_id: str, recipient_id: str, position: Position
+    ) -> int:
+        through = {
             "appId": connector_id,
             "recipientId": recipient_id,
-            "$and": [
-                {"$or": through},
-                {"$or": documents.status_forms(State.ENQUEUED, State.SENT)},
-            ],
+            "epoch": position.epoch,
+            "seq": {"$lte": position.seq},
+            "state": {"$lt": int(State.DELIVERED)},
         }
-        return await self._run(
-            lambda: self._move(self._still(query, (State.SENT,)), State.DELIVERED)
-        )
+
+        def acknowledge() -> int:
+            ids = [r["_id"] for r in self._delivery.find(through, projection={"_id": 1})]
+            if not ids:
+                return 0
+            docs = list(
+                self._collection.find(
+                    {"_id": {"$in": documents.id_values(ids)}}, projection={"status": 1}
+                )
+            )
+            return self._move(docs, State.DELIVERED)
+
+        return await self._run(acknowledge)
 
     async def get(self, message_id: str) -> Message | None:
         values = documents.id_values([message_id])
         if not values:
             return None
 
-        def get() -> tuple[Document | None, dict[str, int]]:
+        def get() -> tuple[Document | None, Document | None]:
             doc = self._collection.find_one({"_id": {"$in": values}})
-            return doc, self._delivery_of([doc] if doc is not None else [])
+            return doc, None if doc is None else self._delivery.find_one({"_id": message_id})
 
-        doc, delivery = await self._run(get)
-        return None if doc is None else _message(doc, delivery)
+        doc, record = await self._run(get)
+        message = None if doc is None else _message(doc, {})
+        if message is None or record is None:
+            return message
+        return documents.placed(message, record)
 
     async def ping(self) -> dict[str, Any]:
         """Also says whether the collection is capped and, when it is, how many inserts the
@@ -545,19 +641,22 @@ class MongoStore:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Open a change stream from now (retrying with backoff while MongoDB is down),
-        call `task_status.started()`, then tail it in one dedicated thread until cancelled.
+        """Open a change stream at the feeds' checkpoint, or from now when there is none or
+        it has left the oplog (retrying with backoff while MongoDB is down); then, in one
+        dedicated thread until cancelled, log what the stream reports (`_claim`) and send
+        it, with its place in the log. Adopts first when it started from now (`_adopt`), and
+        calls `task_status.started()` once it is watching with nothing missed behind it.
 
         The thread blocks on `send` when the channel is full and stops within a fraction
         of a second of cancellation; it closes its stream on the way out. Errors never end
-        the feed: transient ones reopen the stream from the last resume token; a lost
-        resume point sends `HistoryLost` and restarts from now."""
+        the feed: transient ones reopen the stream from the last resume token (a claim is
+        retried until it is made); a lost resume point adopts what was stored since the
+        last event seen, sends `HistoryLost` and goes on from now."""
         backoff = FEED_BACKOFF_FIRST
         while True:
             try:
-                start = await self._run(self._now)
                 self._feed_starts += 1
-                stream = await self._run(functools.partial(self._watch, None, start))
+                stream, start, adopt = await self._run(self._open_feed)
                 break
             except StoreUnavailable as exc:
                 log.warning("cannot open the change stream, retrying in %.1fs: %s", backoff, exc)
@@ -565,13 +664,10 @@ class MongoStore:
                 backoff = min(backoff * 2, FEED_BACKOFF_MAX)
         taken = threading.Event()
         try:
-            task_status.started()
             await trio.to_thread.run_sync(
-                self._tail,
-                stream,
-                start,
-                send,
-                taken,
+                functools.partial(
+                    self._tail, stream, start, adopt, send, taken, task_status.started
+                ),
                 abandon_on_cancel=False,
                 # Its own token: the reader lives as long as the feed and must not hold one
                 # of the default limiter's, which the store calls share.
@@ -582,12 +678,33 @@ class MongoStore:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_close_quietly, stream)
 
+    def _open_feed(self) -> tuple[CollectionChangeStream[Document], Timestamp, _Adoption | None]:
+        """The change stream, where it starts, and what to adopt first (in a worker
+        thread): from the checkpoint, nothing; without one, every stored message (a first
+        start); with one the oplog no longer has, what was stored since it."""
+        checkpoint = self._feeds.find_one({"_id": self._feed_key})
+        at = checkpoint.get("at") if checkpoint is not None else None
+        if isinstance(at, Timestamp):
+            try:
+                return self._watch(None, at), at, None
+            except OperationFailure as exc:
+                if not _history_lost(exc):
+                    raise
+                log.warning("the feed's checkpoint %s has left the oplog (%r): adopting", at, exc)
+            adoption = _Adoption(since=at)
+        else:
+            adoption = _Adoption(since=None)
+        start = self._now()
+        return self._watch(None, start), start, adoption
+
     def _tail(
         self,
         stream: CollectionChangeStream[Document],
         start: Timestamp,
+        adopt: _Adoption | None,
         send: trio.MemorySendChannel[FeedItem],
         taken: threading.Event,
+        started: Callable[[], None],
     ) -> None:
         """The reader thread: owns `stream` (and its replacements) and closes it on exit.
         Leaves by trio.Cancelled, raised by check_cancelled/from_thread when the trio side
@@ -598,7 +715,14 @@ class MongoStore:
         current: CollectionChangeStream[Document] | None = stream
         token: Mapping[str, Any] | None = None
         backoff = FEED_BACKOFF_FIRST
+        # The cluster time of the last event logged, and when the checkpoint was written.
+        seen: Timestamp | None = None
+        written = 0.0
         try:
+            if adopt is not None:
+                self._retrying(functools.partial(self._adopt, adopt))
+                self._write_checkpoint(start)
+            trio.from_thread.run_sync(started)
             while True:
                 trio.from_thread.check_cancelled()
                 if current is None:
@@ -609,8 +733,7 @@ class MongoStore:
                             # The server rejects our resume point: what was written since
                             # is unknown.
                             log.warning("change stream cannot resume (%r): history lost", exc)
-                            trio.from_thread.run(send.send, HistoryLost())
-                            token, start = None, self._fresh_start(start)
+                            token, start = None, self._lost(seen or start, send)
                         else:
                             log.warning("reopening the change stream failed: %r", exc)
                         _pause(backoff)
@@ -627,8 +750,7 @@ class MongoStore:
                     current = None
                     if _history_lost(exc):
                         log.warning("change stream history lost (%r): restarting from now", exc)
-                        trio.from_thread.run(send.send, HistoryLost())
-                        token, start = None, self._fresh_start(start)
+                        token, start = None, self._lost(seen or start, send)
                     else:
                         log.warning("change stream interrupted (%r): resuming", exc)
                     # A server that fails every getMore must not be hammered in a loop.
@@ -642,14 +764,135 @@ class MongoStore:
                         _pause(FEED_EMPTY_PAUSE)
                     continue
                 document = change.get("fullDocument")
-                # A new document has no delivery record yet.
                 message = _message(document, {}) if isinstance(document, Mapping) else None
                 if message is not None:
-                    trio.from_thread.run(send.send, message)
+                    logged = self._retrying(functools.partial(self._claim, message))
+                    trio.from_thread.run(send.send, logged)
+                at = change.get("clusterTime")
+                if isinstance(at, Timestamp):
+                    seen = at
+                    if time.monotonic() - written >= CHECKPOINT_INTERVAL:
+                        self._write_checkpoint(at)
+                        written = time.monotonic()
         finally:
             _close_quietly(current)
             with self._readers_lock:
                 self._readers -= 1
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """`fn` until MongoDB lets it through (in the feed thread; cancellable)."""
+        backoff = FEED_BACKOFF_FIRST
+        while True:
+            try:
+                return fn()
+            except PyMongoError as exc:
+                if not _is_unavailable(exc):
+                    raise
+                log.warning("feed: %r; retrying in %.1fs", exc, backoff)
+                _pause(backoff)
+                backoff = min(backoff * 2, FEED_BACKOFF_MAX)
+
+    def _claim(self, message: Message) -> Message:
+        """`message` at its place in its user's log, logging it when no feed has (in the
+        feed thread). Every feed claims in oplog order, one message at a time, so a message
+        gets a seq after those committed before it (docs/delivery.md).
+
+        A feed remembers the last place it saw per user for a short while (`_heads`) and
+        claims right after it: the unique index refuses a place taken meanwhile, and the
+        claim then reads the log again. A message this store saved is most likely claimed
+        by this feed first, so it tries the insert first; another writer's is looked up
+        first (another feed has most likely claimed it)."""
+        user = (message.connector_id, message.recipient_id)
+        if message.id not in self._own_saves:
+            record = self._log_reads.find_one({"_id": message.id})
+            if record is not None:
+                return self._placed(user, message, record)
+        taken: tuple[int, int] | None = None  # the place a claim of this loop was refused
+        while True:
+            head = self._heads.get(user, time.monotonic())
+            if head is None:
+                head = self._log_reads.find_one(
+                    {"appId": user[0], "recipientId": user[1]},
+                    projection={"epoch": 1, "seq": 1},
+                    sort=[("seq", -1)],
+                )
+            epoch, seq = documents.place_after(head, secrets.randbits(31) + 1)
+            if taken is not None and seq <= taken[1]:
+                # A read that lags the claim that beat us: past the place known taken.
+                epoch, seq = taken[0], taken[1] + 1
+            now = datetime.datetime.now(datetime.UTC)
+            try:
+                self._log_writes.insert_one(documents.log_record(message, epoch, seq, now))
+            except DuplicateKeyError:
+                # Another feed took this seq, or logged this message: look again.
+                self._heads.forget(user)
+                record = self._log_reads.find_one({"_id": message.id})
+                if record is not None:
+                    return self._placed(user, message, record)
+                log.info("feed: seq %d of %s/%s was taken; claiming again", seq, *user)
+                taken = (epoch, seq)
+                continue
+            self._heads.put(user, {"epoch": epoch, "seq": seq}, time.monotonic())
+            return dataclasses.replace(message, epoch=epoch, seq=seq)
+
+    def _placed(
+        self, user: tuple[str, str], message: Message, record: Mapping[str, Any]
+    ) -> Message:
+        """`message` as `record` logged it; remembered as the user's head when none is
+        known or it is past the one known (a stale one only costs a refused claim)."""
+        placed = documents.placed(message, record)
+        now = time.monotonic()
+        known = self._heads.get(user, now)
+        if known is None or (
+            int(known["epoch"]) == placed.epoch and int(known["seq"]) < placed.seq
+        ):
+            self._heads.put(user, {"epoch": placed.epoch, "seq": placed.seq}, now)
+        return placed
+
+    def _adopt(self, adoption: _Adoption) -> int:
+        """Log the stored messages no feed has logged (in the feed thread), oldest id
+        first: every one on a first start, else those stored since `adoption.since` (by
+        `enqueuedAt`, with a margin; all of Tock 23.9's, which have none). Returns how
+        many it logged."""
+        query: Document = {"appId": {"$in": self._connector_ids}}
+        if adoption.since is not None:
+            since = datetime.datetime.fromtimestamp(
+                max(adoption.since.time - ADOPTION_MARGIN, 0), datetime.UTC
+            )
+            query["$or"] = [{"enqueuedAt": {"$gte": since}}, {"enqueuedAt": {"$exists": False}}]
+        adopted = 0
+        after: str | None = None
+        while True:
+            trio.from_thread.check_cancelled()
+            docs, more = self._page(query, after, ADOPTION_PAGE)
+            logged = self._delivery_of(docs)
+            for doc in docs:
+                message = None if documents.message_id(doc["_id"]) in logged else _message(doc, {})
+                if message is not None:
+                    self._claim(message)
+                    adopted += 1
+            if not more:
+                break
+            after = str(docs[-1]["_id"])
+        if adopted:
+            log.warning("feed: adopted %d stored messages no feed had logged", adopted)
+        return adopted
+
+    def _lost(self, last: Timestamp, send: trio.MemorySendChannel[FeedItem]) -> Timestamp:
+        """The history since `last` is lost: the new start point (now), with what was stored
+        since `last` adopted, and `HistoryLost` sent (in the feed thread)."""
+        start = self._fresh_start(last)
+        self._retrying(functools.partial(self._adopt, _Adoption(since=last)))
+        trio.from_thread.run(send.send, HistoryLost())
+        return start
+
+    def _write_checkpoint(self, at: Timestamp) -> None:
+        """Every insert up to `at` is logged (in the feed thread); best effort: a checkpoint
+        left behind only means more to read again."""
+        try:
+            self._feeds.update_one({"_id": self._feed_key}, {"$max": {"at": at}}, upsert=True)
+        except PyMongoError as exc:
+            log.debug("feed checkpoint not written: %r", exc)
 
     def _fresh_start(self, previous: Timestamp) -> Timestamp:
         """A new start point after the history was lost: now, or (server unreachable) the
@@ -724,11 +967,16 @@ def _create_indexes(collection: Collection[Document], settings: Settings) -> Non
 
 
 def _ensure_delivery(db: Database[Document], settings: Settings) -> None:
-    """`sidecar_delivery`'s TTL index: a record goes when its message would (with no TTL,
-    records stay as long as the messages may)."""
+    """`sidecar_delivery`'s indexes: the log's, unique, on which claims race (one seq per
+    user per place), and the TTL on `at`: a record goes when its message would (with no
+    TTL, records stay as long as the messages may)."""
+    specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+        ([("appId", 1), ("recipientId", 1), ("seq", 1)], {"unique": True})
+    ]
     ttl = _ttl_seconds(settings)
     if ttl is not None:
-        _ensure_indexes(db[DELIVERY], [([("at", 1)], {"expireAfterSeconds": ttl})])
+        specs.append(([("at", 1)], {"expireAfterSeconds": ttl}))
+    _ensure_indexes(db[DELIVERY], specs)
 
 
 def _ensure_indexes(

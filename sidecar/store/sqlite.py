@@ -69,8 +69,6 @@ CREATE TABLE IF NOT EXISTS messages (
     log_epoch INTEGER,
     user_seq INTEGER
 );
-CREATE INDEX IF NOT EXISTS messages_recipient
-    ON messages (connector_id, recipient_id, state, id);
 CREATE INDEX IF NOT EXISTS messages_enqueued_at ON messages (enqueued_at);
 """
 # The user's log (docs/delivery.md): a file of an earlier version gets the columns, and its
@@ -83,6 +81,7 @@ UPDATE messages SET log_epoch = 1, user_seq = numbered.n FROM (
     FROM messages WHERE user_seq IS NULL
 ) AS numbered WHERE messages.seq = numbered.s;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_log ON messages (connector_id, recipient_id, user_seq);
+DROP INDEX IF EXISTS messages_recipient;
 """
 
 _COLUMNS = "id, connector_id, recipient_id, response, state, enqueued_at, log_epoch, user_seq"
@@ -350,26 +349,6 @@ class SqliteStore:
             seq = max(seq, own.pop(0)[1])
         return seq
 
-    async def pending(
-        self, connector_id: str, recipient_id: str, replay: Replay, *, after: str | None, limit: int
-    ) -> list[Message]:
-        where = ["connector_id = ?", "recipient_id = ?"]
-        params: list[Any] = [connector_id, recipient_id]
-        if not replay.sent:
-            where.append("state = 0")
-        elif replay.sent_after is None:
-            where.append("state < 2")
-        else:
-            where.append("(state = 0 OR (state = 1 AND id > ?))")
-            params.append(replay.sent_after)
-        if after is not None:
-            where.append("id > ?")
-            params.append(after)
-        sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
-        params.append(limit)
-        rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
-        return [_row(row) for row in rows]
-
     async def head(self, connector_id: str, recipient_id: str) -> Position | None:
         sql = (
             "SELECT log_epoch, user_seq FROM messages WHERE connector_id = ? AND recipient_id = ?"
@@ -392,34 +371,27 @@ class SqliteStore:
         return None if row is None else Position(*row)
 
     async def logged(
-        self, connector_id: str, recipient_id: str, after: Position, *, through: int, limit: int
-    ) -> list[Message]:
-        sql = (
-            f"SELECT {_COLUMNS} FROM messages WHERE connector_id = ? AND recipient_id = ?"
-            " AND log_epoch = ? AND user_seq > ? AND user_seq <= ? ORDER BY user_seq LIMIT ?"
-        )
-        params = (connector_id, recipient_id, after.epoch, after.seq, through, limit)
-        rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
-        return [_row(row) for row in rows]
-
-    async def selected(
         self,
         connector_id: str,
         recipient_id: str,
-        replay: Replay,
         after: Position,
         *,
         through: int,
         limit: int,
+        replay: Replay | None = None,
     ) -> list[Message]:
-        states = [int(s) for s in State if replay.selects(s, "")]
-        marks = ",".join("?" * len(states))
+        where = ""
+        params: list[Any] = [connector_id, recipient_id, after.epoch, after.seq, through]
+        if replay is not None:
+            states = [int(s) for s in replay.states]
+            where = f" AND state IN ({','.join('?' * len(states))})"
+            params += states
         sql = (
             f"SELECT {_COLUMNS} FROM messages WHERE connector_id = ? AND recipient_id = ?"
-            f" AND log_epoch = ? AND user_seq > ? AND user_seq <= ? AND state IN ({marks})"
+            f" AND log_epoch = ? AND user_seq > ? AND user_seq <= ?{where}"
             " ORDER BY user_seq LIMIT ?"
         )
-        params = (connector_id, recipient_id, after.epoch, after.seq, through, *states, limit)
+        params.append(limit)
         rows = await self._run(lambda: self._db.execute(sql, params).fetchall())
         return [_row(row) for row in rows]
 
@@ -464,13 +436,6 @@ class SqliteStore:
             "UPDATE messages SET state = 2 WHERE connector_id = ? AND recipient_id = ?"
             f" AND state < 2 AND id IN ({marks})",
             [connector_id, recipient_id, *ids],
-        )
-
-    async def ack_through(self, connector_id: str, recipient_id: str, last_event_id: str) -> int:
-        return await self._update(
-            "UPDATE messages SET state = 2 WHERE connector_id = ? AND recipient_id = ?"
-            " AND state = 1 AND id <= ?",
-            [connector_id, recipient_id, last_event_id],
         )
 
     async def get(self, message_id: str) -> Message | None:

@@ -237,27 +237,19 @@ class LogicalClient:
         self.last_id = message_id
 
 
-def order_violations(
-    client: LogicalClient, source_of: dict[str, str]
-) -> list[tuple[int, str, str, str]]:
-    """Pairs of ids that came out of id order on one connection, among the messages of
-    one source (the send API, the store feed) that were new to the client: (connection,
-    source, before, after).
-
-    Repeats are left out: a message the feed reports late can reach a reconnected stream
-    after the replay already went past it (the sidecar writes it rather than risk losing
-    a message of another writer); the client drops it by id."""
+def order_violations(client: LogicalClient, seq_of: dict[str, int]) -> list[tuple[int, str, str]]:
+    """Pairs of messages that came out of their user's log order on one connection, among
+    those new to the client: (connection, before, after). The log order is the order of
+    the commits, whichever writer made them (docs/delivery.md)."""
     found = []
     for index, ids in enumerate(client.connections):
-        last: dict[str, str] = {}
+        previous: str | None = None
         for message_id, repeat in ids:
             if repeat:
                 continue
-            source = source_of.get(message_id, "?")
-            previous = last.get(source)
-            if previous is not None and message_id <= previous:
-                found.append((index, source, previous, message_id))
-            last[source] = message_id
+            if previous is not None and seq_of[message_id] <= seq_of[previous]:
+                found.append((index, previous, message_id))
+            previous = message_id
     return found
 
 
