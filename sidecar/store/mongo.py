@@ -765,10 +765,16 @@ class MongoStore:
                     continue
                 document = change.get("fullDocument")
                 message = _message(document, {}) if isinstance(document, Mapping) else None
-                if message is not None:
-                    logged = self._retrying(functools.partial(self._claim, message))
-                    trio.from_thread.run(send.send, logged)
                 at = change.get("clusterTime")
+                if message is not None:
+                    logged, retried = self._retrying(functools.partial(self._claim, message))
+                    trio.from_thread.run(send.send, logged)
+                    if retried and isinstance(at, Timestamp):
+                        # MongoDB went away while this claim waited: reopen the change
+                        # stream here rather than let the driver resume the cursor of
+                        # before (mongo-java-server then misses later events).
+                        _close_quietly(current)
+                        current, token, start = None, None, at
                 if isinstance(at, Timestamp):
                     seen = at
                     if time.monotonic() - written >= CHECKPOINT_INTERVAL:
@@ -779,18 +785,21 @@ class MongoStore:
             with self._readers_lock:
                 self._readers -= 1
 
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        """`fn` until MongoDB lets it through (in the feed thread; cancellable)."""
+    def _retrying(self, fn: Callable[[], T]) -> tuple[T, bool]:
+        """`fn` until MongoDB lets it through (in the feed thread; cancellable), and
+        whether it had to wait for MongoDB."""
         backoff = FEED_BACKOFF_FIRST
+        retried = False
         while True:
             try:
-                return fn()
+                return fn(), retried
             except PyMongoError as exc:
                 if not _is_unavailable(exc):
                     raise
                 log.warning("feed: %r; retrying in %.1fs", exc, backoff)
                 _pause(backoff)
                 backoff = min(backoff * 2, FEED_BACKOFF_MAX)
+                retried = True
 
     def _claim(self, message: Message) -> Message:
         """`message` at its place in its user's log, logging it when no feed has (in the
