@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sidecar.protocol.delivery import Replay
-from sidecar.protocol.message import State
+from sidecar.protocol.message import State, idempotent_id, is_idempotency_key
 from tests.sidecar_harness import (
     BrokenSqliteConnection,
     Sidecar,
@@ -466,3 +466,104 @@ async def test_lone_surrogate_recipient_is_400(sidecar: Sidecar) -> None:
     )
     assert reply.status_code == 400
     assert reply.json()["error"]["code"] == "invalid_field"
+
+
+# --- Idempotency-Key ----------------------------------------------------------------------
+
+
+async def _chunked(body: bytes) -> AsyncIterator[bytes]:
+    yield body  # no Content-Length: Quart serves it, not the fast path
+
+
+def _body(payload: Any, route: str) -> Any:
+    body = json.dumps(payload).encode()
+    return body if route == "fast path" else _chunked(body)
+
+
+@pytest.mark.parametrize("route", ["fast path", "quart"])
+async def test_a_retry_with_its_idempotency_key_stores_nothing_new(
+    sidecar: Sidecar, route: str
+) -> None:
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "turn-42"}
+    url = f"{sidecar.send_url}/v1/send"
+    async with sidecar.stream("alice") as client:
+        first = await sidecar.client.post(url, content=_body(VALID, route), headers=headers)
+        assert first.status_code == 202, first.text
+        again = await sidecar.client.post(url, content=_body(VALID, route), headers=headers)
+        assert again.status_code == 202, again.text
+        assert again.json()["id"] == first.json()["id"]
+        # Shown once: the next message is a fresh one.
+        assert (await client.next_message()).id == first.json()["id"]
+        fresh = await sidecar.send("alice", fresh=True)
+        assert (await client.next_message()).id == fresh
+    assert await stored(sidecar) == [first.json()["id"], fresh]
+    # The same key for another connector or user's message is another message.
+    other = {**VALID, "recipientId": "bob"}
+    conflict = await sidecar.client.post(url, content=_body(other, route), headers=headers)
+    assert conflict.status_code == 409, conflict.text
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    changed = {**VALID, "response": {"responses": [{"text": "other"}]}}
+    conflict = await sidecar.client.post(url, content=_body(changed, route), headers=headers)
+    assert conflict.status_code == 409, conflict.text
+    assert await stored(sidecar) == [first.json()["id"], fresh]
+    assert await stored(sidecar, "bob") == []
+
+
+@pytest.mark.parametrize("route", ["fast path", "quart"])
+async def test_a_batch_takes_item_keys_or_the_headers_key_by_index(
+    sidecar: Sidecar, route: str
+) -> None:
+    url = f"{sidecar.send_url}/v1/send/batch"
+    items = [
+        {**VALID, "response": {"n": 0}},
+        {**VALID, "response": {"n": 1}, "idempotencyKey": "own"},
+        {**VALID, "response": {"n": 2}},
+    ]
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "batch-7"}
+    first = await sidecar.client.post(url, content=_body(items, route), headers=headers)
+    assert first.status_code == 202, first.text
+    ids = [r["id"] for r in first.json()["results"]]
+    assert len(set(ids)) == 3
+    # Retried, and item 0 alone with the key it stood for: the same ids, nothing new.
+    again = await sidecar.client.post(url, content=_body(items, route), headers=headers)
+    assert [r["id"] for r in again.json()["results"]] == ids
+    alone = await sidecar.client.post(
+        f"{sidecar.send_url}/v1/send",
+        content=_body(items[0], route),
+        headers={**headers, "Idempotency-Key": "batch-7#0"},
+    )
+    assert alone.json()["id"] == ids[0]
+    assert await stored(sidecar) == ids
+    # A conflict anywhere refuses the whole batch before anything is stored.
+    changed = [{**VALID, "response": {"n": 9}}, items[1] | {"response": {"n": 8}}]
+    refused = await sidecar.client.post(url, content=_body(changed, route), headers=headers)
+    assert refused.status_code == 409, refused.text
+    assert await stored(sidecar) == ids
+
+
+@pytest.mark.parametrize(
+    ("headers", "payload", "code"),
+    [
+        ({"Idempotency-Key": ""}, VALID, "invalid_idempotency_key"),
+        ({"Idempotency-Key": "has space"}, VALID, "invalid_idempotency_key"),
+        ({"Idempotency-Key": "k" * 201}, VALID, "invalid_idempotency_key"),
+        ({}, {**VALID, "idempotencyKey": 7}, "invalid_field"),
+        ({}, {**VALID, "idempotencyKey": "é"}, "invalid_field"),
+        ({"Idempotency-Key": "a"}, {**VALID, "idempotencyKey": "b"}, "invalid_field"),
+    ],
+    ids=["empty", "space", "too-long", "not-a-string", "not-ascii", "two-keys"],
+)
+async def test_a_bad_idempotency_key_is_400_and_changes_nothing(
+    sidecar: Sidecar, headers: dict[str, str], payload: dict[str, Any], code: str
+) -> None:
+    reply = await sidecar.client.post(f"{sidecar.send_url}/v1/send", json=payload, headers=headers)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == code
+    assert await stored(sidecar) == []
+
+
+def test_the_longest_key_is_taken_and_ids_are_per_connector() -> None:
+    assert is_idempotency_key("k" * 200)
+    assert ID_RE.fullmatch(idempotent_id("web", "k"))
+    assert idempotent_id("web", "k") != idempotent_id("other", "k")
+    assert idempotent_id("web", "a#1") == idempotent_id("web", "a#1")

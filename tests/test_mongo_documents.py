@@ -3,6 +3,7 @@ same id order and cursors held by a real MongoDB store, over mixed id types (hyp
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import uuid
@@ -251,3 +252,17 @@ async def test_adoption_logs_both_id_types_in_id_order_and_positions_ack_by_seq(
         await trio.to_thread.run_sync(lambda: store._collection.delete_many({}))
         await trio.to_thread.run_sync(lambda: store._delivery.delete_many({}))
         await store.aclose()
+
+
+def test_a_log_record_logs_the_message_stored_when_it_was_made() -> None:
+    at = datetime.datetime(2026, 12, 3, 12, 0, 0, 123456, tzinfo=datetime.UTC)
+    message = Message("6745a0c1e4b0a1b2c3d4e5f6", "web", "u", {}, enqueued_at=at)
+    record = documents.log_record(message, 7, 3, at)
+    assert documents.logs(record, message)
+    # As BSON stores it: milliseconds, and no time zone from a client without tz_aware.
+    stored = {**record, "enq": at.replace(microsecond=123000, tzinfo=None)}
+    assert documents.logs(stored, message)
+    # The same id (an Idempotency-Key used again) stored later: another message.
+    later = dataclasses.replace(message, enqueued_at=at + datetime.timedelta(seconds=1))
+    assert not documents.logs(record, later)
+    assert documents.logs({k: v for k, v in record.items() if k != "enq"}, later)

@@ -110,6 +110,30 @@ async def test_three_instances_deliver_wherever_the_user_is(
 
 
 @pytest.mark.time_limit(60)
+async def test_a_bot_retrying_through_another_instance_stores_and_shows_the_message_once(
+    mongodb_server: str, db_name: str
+) -> None:
+    """Issue #13, case 4: the send's connection broke after the commit and the bot retries,
+    the load balancer picking another instance."""
+    async with (
+        instances(mongodb_server, db_name, 2) as (a, b),
+        httpx.AsyncClient(timeout=10) as client,
+        stream(client, b, "rita") as tab,
+    ):
+        body = {"connectorId": "web", "recipientId": "rita", "response": response(turn=1)}
+        headers = {"Idempotency-Key": "conversation-9/turn-1"}
+        first = await client.post(f"{a.send_url}/v1/send", json=body, headers=headers)
+        retry = await client.post(f"{b.send_url}/v1/send", json=body, headers=headers)
+        assert first.status_code == retry.status_code == 202, (first.text, retry.text)
+        assert retry.json()["id"] == first.json()["id"]
+        marker = await send(client, a, "rita", marker=True)
+        assert [(await tab.next_message()).id for _ in range(2)] == [first.json()["id"], marker]
+        other = {**body, "response": response(turn=2)}
+        conflict = await client.post(f"{b.send_url}/v1/send", json=other, headers=headers)
+        assert conflict.status_code == 409, conflict.text
+
+
+@pytest.mark.time_limit(60)
 async def test_a_document_written_by_tock_is_delivered_and_replayed(
     mongodb_server: str, db_name: str
 ) -> None:

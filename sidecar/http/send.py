@@ -18,7 +18,7 @@ import hmac
 import json
 import logging
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
@@ -42,27 +42,41 @@ from sidecar.hub import Hub
 from sidecar.identity import MAX_USER_ID_LENGTH, has_control_characters
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol import tock
-from sidecar.protocol.message import Message, new_id
+from sidecar.protocol.message import Message, idempotent_id, is_idempotency_key, new_id
 from sidecar.protocol.sse import dumps
 from sidecar.store.base import Store, StoreUnavailable
 
 log = logging.getLogger("sidecar.send")
 
 _FIELDS = {"connectorId", "recipientId", "response"}
+_OPTIONAL_FIELDS = {"idempotencyKey"}
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+class Item(NamedTuple):
+    """One validated send request."""
+
+    connector_id: str
+    recipient_id: str
+    response: dict[str, Any]
+    key: str | None = None  # its Idempotency-Key
+
+
 # The API description, checked in (sidecar/static/openapi.json) and served as it is.
 OPENAPI_PATH = "static/openapi.json"
 # Routes that need no bearer token: nothing in them is secret or changes anything.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
-def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str, dict[str, Any]]:
-    """Validate one send request object; raises ApiError naming the problem."""
+def parse_item(item: Any, settings: Settings, where: str = "", key: str | None = None) -> Item:
+    """Validate one send request object, whose Idempotency-Key is `key` unless it has an
+    `idempotencyKey` of its own; raises ApiError naming the problem."""
     if not isinstance(item, dict):
         raise ApiError(400, "invalid_request", f"{where}expected a JSON object")
     missing = sorted(_FIELDS - item.keys())
     if missing:
         raise ApiError(400, "missing_field", f"{where}missing field(s): {', '.join(missing)}")
-    unknown = sorted(item.keys() - _FIELDS)
+    unknown = sorted(item.keys() - _FIELDS - _OPTIONAL_FIELDS)
     if unknown:
         raise ApiError(400, "unknown_field", f"{where}unknown field(s): {', '.join(unknown)}")
     connector_id, recipient_id, response = (
@@ -103,38 +117,94 @@ def parse_item(item: Any, settings: Settings, where: str = "") -> tuple[str, str
         raise ApiError(
             413, "payload_too_large", f"{where}response is over {settings.max_payload_bytes} bytes"
         )
-    return connector_id, recipient_id, response
+    own = item.get("idempotencyKey")
+    if own is not None and not is_idempotency_key(own):
+        raise ApiError(
+            400, "invalid_field", f"{where}idempotencyKey must be 1 to 200 visible ASCII characters"
+        )
+    if own is not None and key is not None and own != key:
+        raise ApiError(400, "invalid_field", f"{where}idempotencyKey differs from the header")
+    return Item(connector_id, recipient_id, response, own if own is not None else key)
 
 
-def parse_batch(payload: Any, settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
-    """Validate a batch send request (a JSON array of `parse_item` objects)."""
+def parse_key(value: str | None) -> str | None:
+    """The Idempotency-Key header's value (None without one); ApiError when invalid."""
+    if value is None:
+        return None
+    if not is_idempotency_key(value):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"{IDEMPOTENCY_KEY} must be 1 to 200 visible ASCII characters",
+        )
+    return value
+
+
+def parse_batch(payload: Any, settings: Settings, key: str | None = None) -> list[Item]:
+    """Validate a batch send request (a JSON array of `parse_item` objects); with a batch
+    Idempotency-Key `key`, an item without a key of its own takes `<key>#<index>`."""
     if not isinstance(payload, list):
         raise ApiError(400, "invalid_request", "expected a JSON array of send requests")
     if len(payload) > settings.max_batch_items:
         raise ApiError(
             413, "too_many_items", f"a batch holds at most {settings.max_batch_items} items"
         )
-    return [parse_item(item, settings, f"item {i}: ") for i, item in enumerate(payload)]
+    items = []
+    for i, item in enumerate(payload):
+        own = item.get("idempotencyKey") if isinstance(item, dict) else None
+        items.append(
+            parse_item(item, settings, f"item {i}: ", own or (f"{key}#{i}" if key else None))
+        )
+    return items
 
 
-async def store_messages(
-    store: Store, hub: Hub, items: list[tuple[str, str, dict[str, Any]]]
-) -> list[dict[str, Any]]:
+async def store_messages(store: Store, hub: Hub, items: list[Item]) -> list[dict[str, Any]]:
     """Commit validated items (from `parse_item`) to the store, in their order; the send
     API's answer for each. Nothing is dispatched from here: every stream is fed from the
     store's feed, in its user's log order (docs/delivery.md). `deliveredTo` counts the
-    recipient's streams open on this instance."""
+    recipient's streams open on this instance.
+
+    An item with an Idempotency-Key has the id `idempotent_id` gives it: a retry finds the
+    first attempt stored and stores nothing; an item whose recipient or response differs
+    from what its key stored is refused (409) before anything is saved."""
     metrics = hub.metrics
     since = metrics.clock()
-    messages = [Message(new_id(), c, r, response) for c, r, response in items]
+    messages = [
+        Message(idempotent_id(i.connector_id, i.key) if i.key else new_id(), *i[:3]) for i in items
+    ]
+    keyed = [m for m, i in zip(messages, items, strict=True) if i.key is not None]
+    stored = {m.id for m in keyed if await _stored_as(store, m)}
     results = []
     for m in messages:
         streams = hub.stream_count(m.key)
-        if streams:
+        if streams and m.id not in stored:
             metrics.await_first_write(m.id, since)
         results.append({"id": m.id, "deliveredTo": streams})
-    await store.save(messages)
+    fresh = [m for m in messages if m.id not in stored]
+    if fresh:
+        already = await store.save(fresh)
+        # A first attempt committed meanwhile (a retry sent while it was in flight).
+        for m in fresh:
+            if m.id in already:
+                await _stored_as(store, m)
     return results
+
+
+async def _stored_as(store: Store, message: Message) -> bool:
+    """Whether a message of `message`'s id is stored; ApiError 409 when it is not this one."""
+    found = await store.get(message.id)
+    if found is None:
+        return False
+    same = (found.connector_id, found.recipient_id, found.response) == (
+        message.connector_id, message.recipient_id, message.response,
+    )  # fmt: skip
+    if not same:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"this {IDEMPOTENCY_KEY} was used for another message",
+        )
+    return True
 
 
 def _bearer_ok(given: str, token: bytes) -> bool:
@@ -180,13 +250,15 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
 
     @app.post("/v1/send")
     async def send() -> Response:
-        item = parse_item(await json_body(settings.max_payload_bytes), settings)
+        key = parse_key(request.headers.get(IDEMPOTENCY_KEY))
+        item = parse_item(await json_body(settings.max_payload_bytes), settings, key=key)
         (result,) = await store_messages(store, hub, [item])
         return json_response(result, 202)
 
     @app.post("/v1/send/batch")
     async def send_batch() -> Response:
-        items = parse_batch(await json_body(settings.max_batch_bytes), settings)
+        key = parse_key(request.headers.get(IDEMPOTENCY_KEY))
+        items = parse_batch(await json_body(settings.max_batch_bytes), settings, key)
         return json_response({"results": await store_messages(store, hub, items)}, 202)
 
     @app.get("/metrics")
@@ -223,7 +295,8 @@ class SendApp:
         if scope["type"] == "http" and scope["method"] == "POST":
             limit = self._limits.get(scope["path"])
             if limit is not None and self._takes(scope["headers"], limit):
-                return await self._serve(scope["path"], limit, receive, send)
+                key = _header(scope["headers"], b"idempotency-key")
+                return await self._serve(scope["path"], limit, key, receive, send)
         await self.quart(scope, receive, send)
 
     def _takes(self, headers: Any, limit: int) -> bool:
@@ -252,7 +325,9 @@ class SendApp:
             authorization is not None and _bearer_ok(bytes(authorization).decode("latin-1"), token)
         )
 
-    async def _serve(self, path: str, limit: int, receive: Receive, send: Send) -> None:
+    async def _serve(
+        self, path: str, limit: int, raw_key: str | None, receive: Receive, send: Send
+    ) -> None:
         chunks = []
         size = 0
         while True:
@@ -269,13 +344,15 @@ class SendApp:
         try:
             if size > limit:
                 raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+            key = parse_key(raw_key)
             payload = parse_json(b"".join(chunks))
             if path == "/v1/send":
-                item = parse_item(payload, self._settings)
+                item = parse_item(payload, self._settings, key=key)
                 (result,) = await store_messages(self._store, self._hub, [item])
                 body = _compact(result)
             else:
-                body = _compact({"results": await self._batch(payload)})
+                items = parse_batch(payload, self._settings, key)
+                body = _compact({"results": await store_messages(self._store, self._hub, items)})
         except ApiError as exc:
             status, body = exc.status, error_body(exc.code, exc.message)
         except StoreUnavailable:
@@ -286,9 +363,13 @@ class SendApp:
             body = error_body(http_error_code(error), error.description or "error")
         await _respond(send, status, body)
 
-    async def _batch(self, payload: Any) -> list[dict[str, Any]]:
-        items = parse_batch(payload, self._settings)
-        return await store_messages(self._store, self._hub, items)
+
+def _header(headers: Any, name: bytes) -> str | None:
+    """The first value of header `name` (lowercase), as text."""
+    for key, value in headers:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _mimetype(content_type: bytes) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import re
 import threading
@@ -57,6 +58,21 @@ def normalize_id(value: str) -> str | None:
     """Accept an ObjectId in either case; None when it is not one."""
     lowered = value.strip().lower()
     return lowered if is_message_id(lowered) else None
+
+
+# An Idempotency-Key: 1 to 200 visible ASCII characters.
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def is_idempotency_key(value: object) -> bool:
+    return isinstance(value, str) and _IDEMPOTENCY_KEY_RE.fullmatch(value) is not None
+
+
+def idempotent_id(connector_id: str, key: str) -> str:
+    """The id of the message sent to `connector_id` with Idempotency-Key `key`: the first
+    12 bytes of a SHA-256 of both, so every instance gives a retry the same id."""
+    digest = hashlib.sha256(f"{connector_id}\0{key}".encode()).digest()
+    return digest[:12].hex()
 
 
 class IdGenerator:

@@ -23,7 +23,8 @@ a capped collection takes the update and Tock still decodes the document.
 The log and the delivery state. Each user's log (docs/delivery.md) and what Tock's
 `status` cannot hold live in a collection of the sidecar's own, `DELIVERY`: one record per
 logged message, `{_id: <message id>, appId, recipientId, epoch, seq, state, at}`, made by
-the first feed that sees the message's insert (`log_record`, `place_after`), under a
+the first feed that sees the message's insert (`log_record`, `place_after`; with `enq`,
+the message's `enqueuedAt`, see `logs`), under a
 unique index on `(appId, recipientId, seq)`. The browser's acknowledgement (DELIVERED)
 cannot live in `status`, and SENT cannot be written into a document whose `status` is not
 int32 0 without changing its size or writing a value Tock cannot decode: both live in the
@@ -177,7 +178,18 @@ def log_record(message: Message, epoch: int, seq: int, at: datetime.datetime) ->
         "seq": seq,
         "state": int(State.ENQUEUED),
         "at": at,
+        "enq": message.enqueued_at,
     }
+
+
+def logs(record: Mapping[str, Any], message: Message) -> bool:
+    """Whether `record` logs this very message, not an earlier one of the same id (an
+    Idempotency-Key used again once its first message had gone): the same `enqueuedAt`,
+    to BSON's millisecond."""
+    enq = record.get("enq")
+    if not isinstance(enq, datetime.datetime):
+        return True  # a record without it logs whatever has its id
+    return abs(_utc(enq) - message.enqueued_at) < datetime.timedelta(milliseconds=1)
 
 
 def placed(message: Message, record: Mapping[str, Any]) -> Message:

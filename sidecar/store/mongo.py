@@ -813,7 +813,7 @@ class MongoStore:
         first (another feed has most likely claimed it)."""
         user = (message.connector_id, message.recipient_id)
         if message.id not in self._own_saves:
-            record = self._log_reads.find_one({"_id": message.id})
+            record = self._logged_record(message)
             if record is not None:
                 return self._placed(user, message, record)
         taken: tuple[int, int] | None = None  # the place a claim of this loop was refused
@@ -835,7 +835,7 @@ class MongoStore:
             except DuplicateKeyError:
                 # Another feed took this seq, or logged this message: look again.
                 self._heads.forget(user)
-                record = self._log_reads.find_one({"_id": message.id})
+                record = self._logged_record(message)
                 if record is not None:
                     return self._placed(user, message, record)
                 log.info("feed: seq %d of %s/%s was taken; claiming again", seq, *user)
@@ -843,6 +843,15 @@ class MongoStore:
                 continue
             self._heads.put(user, {"epoch": epoch, "seq": seq}, time.monotonic())
             return dataclasses.replace(message, epoch=epoch, seq=seq)
+
+    def _logged_record(self, message: Message) -> Document | None:
+        """The record logging `message` (in the feed thread); a record of an earlier message
+        of its id, gone since, is removed so that this one is logged anew."""
+        record = self._log_reads.find_one({"_id": message.id})
+        if record is None or documents.logs(record, message):
+            return record
+        self._log_writes.delete_one({"_id": message.id, "enq": record["enq"]})
+        return None
 
     def _placed(
         self, user: tuple[str, str], message: Message, record: Mapping[str, Any]
