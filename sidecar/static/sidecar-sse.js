@@ -9,9 +9,12 @@
  *   stream.close();
  *
  * It wraps EventSource and adds what the sidecar's delivery-ack protocol needs:
- * - the last message id is kept in localStorage, so a page reload resumes with
- *   ?lastEventId=... and gets exactly what it has not seen (EventSource itself sends the
- *   Last-Event-ID header when it reconnects on its own);
+ * - the last message id handed to onmessage is this tab's place in the user's log, kept in
+ *   sessionStorage (per tab, and it survives a reload), so a page reload resumes with
+ *   ?lastEventId=... and gets exactly what this tab has not shown, even when another tab
+ *   of the user got and acknowledged it (EventSource itself sends the Last-Event-ID header
+ *   when it reconnects on its own). A new tab starts with "seen nothing": everything not
+ *   yet acknowledged. Without storage a reload counts as a new tab;
  * - every message is acknowledged, in batches, to <url>/ack, so the sidecar marks it
  *   DELIVERED and never replays it; an ack that fails is retried, backing off;
  * - ids already handed to onmessage are dropped, so a message that comes twice (replay
@@ -62,11 +65,11 @@
     this._retryTimer = null;
     this._retries = 0;
     this._closed = false;
-    // Read once: a reconnect resumes from what this page has seen, not from what another
-    // tab of the same user stored meanwhile (that tab's messages this one never got).
+    // Read once, from this tab's own storage: localStorage is shared by the user's tabs,
+    // and one tab's place would skip what another never showed.
     this._lastId = null;
     try {
-      this._lastId = global.localStorage.getItem(this.storageKey);
+      this._lastId = global.sessionStorage.getItem(this.storageKey);
     } catch (e) {
       /* storage disabled: the first connect asks for everything not yet delivered */
     }
@@ -80,9 +83,9 @@
   SidecarSSE.prototype._remember = function (id) {
     this._lastId = id;
     try {
-      global.localStorage.setItem(this.storageKey, id);
+      global.sessionStorage.setItem(this.storageKey, id);
     } catch (e) {
-      /* storage may be full or disabled: a reload then resumes from the server's state */
+      /* storage may be full or disabled: a reload then counts as a new tab */
     }
   };
 

@@ -1,7 +1,7 @@
 // Unit tests for sidecar/static/sidecar-sse.js, run with Node's built-in runner:
 //   node --test tests/js/
 // The client is evaluated in a vm context whose globals are fakes (EventSource,
-// localStorage, fetch); timers are node:test's mock timers. No npm dependencies.
+// sessionStorage, fetch); timers are node:test's mock timers. No npm dependencies.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -72,8 +72,8 @@ class MapStorage {
   }
 }
 
-// A fresh "page": its own vm context, EventSource class and fetch log; `storage` may be
-// shared between pages to simulate a reload.
+// A fresh "page": its own vm context, EventSource class and fetch log; `storage`, its tab's
+// sessionStorage, may be shared between pages to simulate a reload.
 // `random` stands in for Math.random (the reconnect jitter): 0 by default, so delays are exact.
 function loadPage({ storage = new MapStorage(), fetchImpl, random = 0 } = {}) {
   const EventSource = class extends FakeEventSource {
@@ -94,7 +94,16 @@ function loadPage({ storage = new MapStorage(), fetchImpl, random = 0 } = {}) {
   };
   const context = vm.createContext({
     EventSource,
-    localStorage: storage,
+    sessionStorage: storage,
+    // Shared by every tab of the user: the client must not keep its place there.
+    localStorage: {
+      getItem() {
+        throw new Error("localStorage is not this tab's");
+      },
+      setItem() {
+        throw new Error("localStorage is not this tab's");
+      },
+    },
     fetch,
     // Looked up at call time, so node:test's mock timers (if enabled) apply. `pending`
     // holds the timers set and neither fired nor cleared yet.
@@ -156,7 +165,7 @@ test("first connect asks for everything, a reload resumes from the stored id", (
   assert.equal(stream.lastEventId(), id);
   stream.close();
 
-  // Page reload: a new context sharing the same localStorage.
+  // Page reload: a new context with the same sessionStorage (the tab's).
   const page2 = loadPage({ storage });
   new page2.SidecarSSE({ url: URL_BASE, userId });
   assert.equal(page2.sources.length, 1);
@@ -485,6 +494,7 @@ test("an onerror that throws does not stop the reconnects", (t) => {
 
 test("a reconnect resumes from this page's last id, not another tab's", (t) => {
   t.mock.timers.enable({ apis: ["setTimeout"] });
+  // Even were both tabs to share one storage (they do not: it is per tab).
   const storage = new MapStorage();
   const tabA = loadPage({ storage });
   const tabB = loadPage({ storage });
@@ -504,7 +514,7 @@ test("a reconnect resumes from this page's last id, not another tab's", (t) => {
   b.close();
 });
 
-test("without localStorage a reconnect still resumes from the last id seen", (t) => {
+test("without storage a reconnect still resumes from the last id seen", (t) => {
   t.mock.timers.enable({ apis: ["setTimeout"] });
   const broken = {
     getItem() {
@@ -554,4 +564,26 @@ test("acks during an outage neither flood the server nor outgrow its size limit"
   assert.equal(new Set(acked).size, 700);
   assert.ok(page.fetchCalls.every((call) => call.body.length <= 16384));
   stream.close();
+});
+
+test("each tab reloads from its own place; a new tab starts from seen nothing", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const storageA = new MapStorage();
+  const storageB = new MapStorage();
+  const a = new (loadPage({ storage: storageA }).SidecarSSE)({ url: URL_BASE, userId: "u" });
+  const tabB = loadPage({ storage: storageB });
+  const b = new tabB.SidecarSSE({ url: URL_BASE, userId: "u" });
+  tabB.sources[0].emit("{}", "65a1b2c3d4e5f6071829300a");
+  tabB.sources[0].emit("{}", "65a1b2c3d4e5f6071829300b");
+  a.close();
+  b.close();
+  const reloadedA = loadPage({ storage: storageA });
+  new reloadedA.SidecarSSE({ url: URL_BASE, userId: "u" });
+  assert.equal(streamParams(reloadedA.sources[0]).get("lastEventId"), NOTHING_SEEN);
+  const reloadedB = loadPage({ storage: storageB });
+  new reloadedB.SidecarSSE({ url: URL_BASE, userId: "u" });
+  assert.equal(streamParams(reloadedB.sources[0]).get("lastEventId"), "65a1b2c3d4e5f6071829300b");
+  const newTab = loadPage();
+  new newTab.SidecarSSE({ url: URL_BASE, userId: "u" });
+  assert.equal(streamParams(newTab.sources[0]).get("lastEventId"), NOTHING_SEEN);
 });
