@@ -20,6 +20,11 @@ test *ARGS:
 stress *ARGS:
     STRESS_SCALE="${STRESS_SCALE:-5}" {{venv}}/python -m pytest tests/stress -q -s -rxX --timeout 1800 {{ARGS}}
 
+# The fault-injection run of docs/delivery.md at a larger size (CHAOS_SCALE, 10 by default:
+# 50 users, 100 tabs, 400 turns each, an instance SIGKILLed every few seconds).
+chaos *ARGS:
+    CHAOS_SCALE="${CHAOS_SCALE:-10}" {{venv}}/python -m pytest tests/chaos -q -s -rxX --timeout 3600 {{ARGS}}
+
 # The benchmark suite (needs `pip install -e '.[bench]'`); rewrites bench/RESULTS.md and its chart.
 bench *ARGS:
     {{venv}}/python -m bench --report bench/RESULTS.md {{ARGS}}

@@ -179,7 +179,10 @@ async def spawn_sidecar(env: dict[str, str]) -> AsyncIterator[SidecarProcess]:
     finally:
         if process.returncode is None:
             process.kill()
+        with trio.CancelScope(shield=True):
             await process.wait()
+            if process.stderr is not None:
+                await process.stderr.aclose()
 
 
 class BrokenSqliteConnection:
