@@ -275,3 +275,33 @@ async def test_a_file_of_an_earlier_version_gets_its_logs_in_commit_order(
         assert position.seq == 4
     finally:
         await store.aclose()
+
+
+async def test_the_feed_reports_own_commits_while_a_wal_checkpoint_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stream is fed from the feed, this store's own sends included: a checkpoint,
+    which can take a few hundred ms, must not hold them back."""
+    checkpointing = trio.Event()
+
+    async def slow_checkpoint(connection: object) -> None:
+        checkpointing.set()
+        await trio.sleep(30)
+
+    monkeypatch.setattr(sqlite, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(sqlite, "_checkpoint", slow_checkpoint)
+    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    try:
+        send, receive = trio.open_memory_channel[FeedItem](10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_feed, send)
+            await checkpointing.wait()
+            m = msg()
+            await store.save([m])
+            with trio.fail_after(sqlite.FEED_INTERVAL / 2):  # before any poll
+                item = await receive.receive()
+            assert isinstance(item, Message)
+            assert item.id == m.id
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()

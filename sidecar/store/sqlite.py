@@ -108,6 +108,13 @@ CHECKPOINT_INTERVAL = 1.0
 AUTOCHECKPOINT_PAGES = 1000
 
 
+async def _checkpoints(connection: sqlite3.Connection) -> None:
+    """Checkpoint the WAL every `CHECKPOINT_INTERVAL`, until cancelled."""
+    while True:
+        await trio.sleep(CHECKPOINT_INTERVAL)
+        await _checkpoint(connection)
+
+
 async def _checkpoint(connection: sqlite3.Connection) -> None:
     def checkpoint() -> None:
         try:
@@ -494,29 +501,13 @@ class SqliteStore:
         last = await self._run(start)
         checkpointer = await self._open_checkpointer()
         task_status.started()
-        next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
-        next_poll = trio.current_time()
         try:
-            while True:
-                if checkpointer is not None and trio.current_time() >= next_checkpoint:
-                    await _checkpoint(checkpointer)
-                    next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
-                # Before reading: a commit from now on sets the new event.
-                self._committing = trio.Event()
-                poll = trio.current_time() >= next_poll
-                if poll:
-                    next_poll = trio.current_time() + FEED_INTERVAL
-                try:
-                    last, messages = await self._run(partial(since, last, poll))
-                except StoreUnavailable:
-                    # Rows are read by sequence number, so whatever is written while the
-                    # file cannot be read is picked up once it can.
-                    messages = []
-                for message in messages:
-                    await send.send(message)
-                if len(messages) < FEED_BATCH:
-                    with trio.move_on_at(next_poll):
-                        await self._committing.wait()
+            async with trio.open_nursery() as nursery:
+                if checkpointer is not None:
+                    # A task of its own: a checkpoint can take a few hundred ms, which the
+                    # feed, that carries this store's own commits too, must not wait for.
+                    nursery.start_soon(_checkpoints, checkpointer)
+                await self._tail(since, last, send)
         finally:
             self._feeding = False
             if checkpointer is not None:
@@ -528,6 +519,32 @@ class SqliteStore:
                                 f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}"
                             )
                         )
+
+    async def _tail(
+        self,
+        since: Callable[[int, bool], tuple[int, list[Message]]],
+        last: int,
+        send: trio.MemorySendChannel[FeedItem],
+    ) -> None:
+        """The feed's loop: what `since` reads after `last`, sent on, until cancelled."""
+        next_poll = trio.current_time()
+        while True:
+            # Before reading: a commit from now on sets the new event.
+            self._committing = trio.Event()
+            poll = trio.current_time() >= next_poll
+            if poll:
+                next_poll = trio.current_time() + FEED_INTERVAL
+            try:
+                last, messages = await self._run(partial(since, last, poll))
+            except StoreUnavailable:
+                # Rows are read by sequence number, so whatever is written while the
+                # file cannot be read is picked up once it can.
+                messages = []
+            for message in messages:
+                await send.send(message)
+            if len(messages) < FEED_BATCH:
+                with trio.move_on_at(next_poll):
+                    await self._committing.wait()
 
     async def _open_checkpointer(self) -> sqlite3.Connection | None:
         """A second connection to checkpoint with, after turning off the automatic
