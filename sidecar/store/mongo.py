@@ -415,7 +415,7 @@ class MongoStore:
             found = []
             for record in records:
                 doc = docs.get(record["_id"])  # gone when expired or evicted
-                message = None if doc is None else _message(doc, {record["_id"]: record["state"]})
+                message = None if doc is None else _message(doc, {})
                 if message is not None:
                     found.append(documents.placed(message, record))
             return records, found
