@@ -133,7 +133,7 @@ def test_the_sent_mark_keeps_a_documents_size_and_tocks_decoding() -> None:
     for fixture in fixtures():
         doc = fixture.document
         if type(doc.get("status")) is int and doc["status"] == 0:
-            marked = {**doc, **documents.SENT_MARK["$set"]}
+            marked = {**doc, **documents.SENT_MARK["$max"]}
             assert encoded_size(marked) == encoded_size(doc)
             assert decodable_by(marked) == decodable_by(doc)
 

@@ -23,7 +23,7 @@ from bson import ObjectId
 
 from sidecar.protocol import sse
 from sidecar.protocol.message import State
-from sidecar.store.documents import COLLECTION
+from sidecar.store.documents import COLLECTION, SENT_MARK
 from tests.sidecar_harness import Sidecar, running_sidecar, settings_for
 from tests.tock_documents import Fixture, decodable_by, encoded_size, fixtures
 
@@ -136,6 +136,24 @@ async def test_each_fixture_is_delivered_live_and_marked_sent(
                 # Tock's "PROCESSED" is SENT already; the others move there.
                 await until_state(sidecar, [fixture.id], State.SENT)
             await documents.check()
+
+
+@pytest.mark.time_limit(30)
+def test_the_sent_mark_moves_only_int32_zero_and_leaves_a_status_that_moved_on(
+    collection: RawCollection,
+) -> None:
+    """The mark is sent with a filter on `_id` alone (`sidecar.store.mongo._by_ids`), so a
+    document Tock marked between the sidecar's read and its write must keep Tock's mark."""
+    docs = [f.document for f in fixtures() if "status" in f.document]
+    collection.insert_many(docs)
+    for doc in docs:
+        collection.update_one({"_id": doc["_id"]}, SENT_MARK)
+        stored = collection.find_one({"_id": doc["_id"]})
+        assert stored is not None
+        expected = 1 if type(doc["status"]) is int and doc["status"] == 0 else doc["status"]
+        assert (type(stored["status"]), stored["status"]) == (type(expected), expected), doc
+        assert encoded_size(stored) == encoded_size(doc)
+    assert {type(d["status"]) for d in docs} == {int, str}  # both forms were tried
 
 
 @pytest.mark.time_limit(90)

@@ -81,10 +81,11 @@ _STATUS_STRINGS: Final = {
     "PROCESSED": State.SENT,
 }
 
-# The SENT mark made in a document: only from int32 0, to int32 1 (a Python int that fits
-# in 32 bits is encoded as int32), so the document keeps its size.
-SENT_MARK_FILTER: Final[Document] = {"status": {"$type": "int", "$eq": 0}}
-SENT_MARK: Final[Document] = {"$set": {"status": int(State.SENT)}}
+# The SENT mark made in a document whose `status` was read as int32 0: int32 1 (a Python
+# int that fits in 32 bits is encoded as int32), so the document keeps its size. `$max`
+# leaves a `status` that moved on meanwhile as it is: int32 1, or Tock's "PROCESSED" (in
+# BSON's order every string is above every number).
+SENT_MARK: Final[Document] = {"$max": {"status": int(State.SENT)}}
 
 
 def message_id(raw: object) -> str | None:

@@ -122,6 +122,16 @@ def _message(doc: Mapping[str, Any], delivery: Mapping[str, int]) -> Message | N
         return None
 
 
+def _by_ids(values: Sequence[Any]) -> Document:
+    """The filter of a point query or update: `_id` alone, any other condition checked on
+    what it returns, and a state moved with `$max` rather than a condition on it. MongoDB
+    reads the same documents either way (through the `_id` index); mongo-java-server uses
+    an index only for a filter on its keys alone, and scans the collection otherwise (its
+    `AbstractUniqueIndex.canHandle`), which the acks and SENT marks of every stream would
+    do several times a second."""
+    return {"_id": {"$in": list(values)}}
+
+
 def _is_unavailable(exc: PyMongoError) -> bool:
     """True for errors meaning 'MongoDB cannot do this right now' (network, server
     selection, timeouts, server-side refusals); False for programming errors."""
@@ -381,11 +391,17 @@ class MongoStore:
     async def position_of(
         self, connector_id: str, recipient_id: str, message_id: str
     ) -> Position | None:
-        query = {"_id": message_id, "appId": connector_id, "recipientId": recipient_id}
         record = await self._run(
-            lambda: self._delivery.find_one(query, projection={"epoch": 1, "seq": 1})
+            lambda: self._delivery.find_one(
+                {"_id": message_id}, projection={"appId": 1, "recipientId": 1, "epoch": 1, "seq": 1}
+            )
         )
-        return None if record is None else Position(int(record["epoch"]), int(record["seq"]))
+        if record is None or (record["appId"], record["recipientId"]) != (
+            connector_id,
+            recipient_id,
+        ):
+            return None
+        return Position(int(record["epoch"]), int(record["seq"]))
 
     async def logged(
         self,
@@ -440,40 +456,42 @@ class MongoStore:
         if not ids:
             return 0
         moved = self._delivery.update_many(
-            {"_id": {"$in": ids}, "state": {"$lt": int(state)}}, {"$set": {"state": int(state)}}
+            _by_ids(ids), {"$max": {"state": int(state)}}
         ).modified_count
         in_place = [d["_id"] for d in docs if _int32_zero(d.get("status"))]
         if in_place:
-            self._collection.update_many(
-                {"_id": {"$in": in_place}, **documents.SENT_MARK_FILTER}, documents.SENT_MARK
-            )
+            self._collection.update_many(_by_ids(in_place), documents.SENT_MARK)
         return moved
 
-    def _still(self, query: Document, states: tuple[State, ...]) -> list[Document]:
-        """The message documents matching `query` whose state is one of `states` (in a
-        worker thread)."""
-        docs = list(
-            self._collection.find(query, projection={"appId": 1, "recipientId": 1, "status": 1})
-        )
+    def _still(
+        self, ids: Sequence[str], states: tuple[State, ...], user: tuple[str, str] | None = None
+    ) -> list[Document]:
+        """The message documents of `ids` (of `user`, when given) whose state is one of
+        `states` (in a worker thread)."""
+        docs = [
+            d
+            for d in self._collection.find(
+                _by_ids(documents.id_values(ids)),
+                projection={"appId": 1, "recipientId": 1, "status": 1},
+            )
+            if user is None or (d.get("appId"), d.get("recipientId")) == user
+        ]
         delivery = self._delivery_of(docs)
         return [d for d in docs if documents.state_of(d, delivery) in states]
 
     async def mark_sent(self, ids: Sequence[str]) -> int:
-        values = documents.id_values(ids)
-        if not values:
+        if not documents.id_values(ids):
             return 0
-        query = {"_id": {"$in": values}, "$or": documents.status_forms(State.ENQUEUED)}
-        return await self._run(
-            lambda: self._move(self._still(query, (State.ENQUEUED,)), State.SENT)
-        )
+        return await self._run(lambda: self._move(self._still(ids, (State.ENQUEUED,)), State.SENT))
 
     async def ack(self, connector_id: str, recipient_id: str, ids: Sequence[str]) -> int:
-        values = documents.id_values(ids)
-        if not values:
+        if not documents.id_values(ids):
             return 0
-        query = {"appId": connector_id, "recipientId": recipient_id, "_id": {"$in": values}}
+        user = (connector_id, recipient_id)
         return await self._run(
-            lambda: self._move(self._still(query, (State.ENQUEUED, State.SENT)), State.DELIVERED)
+            lambda: self._move(
+                self._still(ids, (State.ENQUEUED, State.SENT), user), State.DELIVERED
+            )
         )
 
     async def acknowledge_through(
