@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -117,6 +118,21 @@ def test_a_srv_name_that_does_not_resolve_exits_1_with_one_line(
 
     env.setattr(dns.resolver, "resolve", nxdomain)  # no DNS query leaves the machine
     env.setenv("SIDECAR_STORE", "mongodb+srv://admin:s3cret@cluster0.example.invalid/tock")
+    assert cli.main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("sidecar: SIDECAR_STORE: cannot open MongoDB store: ")
+    assert "s3cret" not in err
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_mongodb_host_that_does_not_answer_exits_1_with_one_line(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env.setenv("SIDECAR_STORE", f"mongodb://admin:s3cret@127.0.0.1:{port}/?directConnection=true")
     assert cli.main(["serve"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
