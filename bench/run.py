@@ -40,6 +40,7 @@ from bench.common import (
     rss_bytes,
     wait_listening,
 )
+from sidecar.startup import FD_RESERVE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -125,8 +126,9 @@ def server(kind: str, workdir: Path, env_extra: dict[str, str] | None = None) ->
             "SIDECAR_STORE": f"sqlite:///{db}",
             "SIDECAR_LOG_LEVEL": "WARNING",
             "SIDECAR_KEEPALIVE_SECONDS": "10",
-            # Limits of the sidecar's own that the other servers do not have.
-            "SIDECAR_MAX_STREAMS": "1000000",
+            # Limits of the sidecar's own that the other servers do not have: as many
+            # streams as its descriptors allow (it refuses to start with more).
+            "SIDECAR_MAX_STREAMS": str(nofile_hard() - FD_RESERVE),
             "SIDECAR_MAX_STREAMS_PER_USER": "100000",
         } | (env_extra or {})
         command = [PY, "-m", "sidecar", "serve"]
@@ -271,9 +273,8 @@ def _shares(total: int, parts: int) -> list[int]:
 
 def scenario_idle(servers: list[str], sizes: Sizes, work: Path) -> dict[str, Any]:
     hard = nofile_hard()
-    reserve = 200  # listeners, store files, pipes
-    cap = hard - reserve
-    per_worker = hard - reserve
+    cap = hard - FD_RESERVE  # the sidecar's limit (listeners, store files, pipes)
+    per_worker = hard - FD_RESERVE
     out: dict[str, Any] = {"nofile_hard": hard, "capped_at": cap, "servers": {}}
     print(
         f"[idle] streams held: {sizes.idle} (RLIMIT_NOFILE hard {hard}: at most {cap} per server)"

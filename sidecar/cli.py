@@ -8,16 +8,20 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 
 import trio
 
-from sidecar import app, logs
+from sidecar import app, logs, startup
 from sidecar.config import OPTIONS, ConfigError, Settings, StartupError
 from sidecar.store import StoreUnavailable
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="SSE sidecar for Tock bots")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version('tock-sse-sidecar')}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar")
     for option in OPTIONS:
@@ -27,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
             dest=option.name,
             metavar="VALUE",
             help=f"{option.help} [env {option.env}{aliases}; default {option.default!r}]",
+            # A true/false setting's flag alone means true: `--demo`, or `--demo false`.
+            nargs="?" if option.boolean else None,
+            const="true" if option.boolean else None,
         )
     _add_token_parser(commands)
     return parser
@@ -95,10 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _mint_token(args)
     try:
         settings = Settings.load(os.environ, vars(args))
+        logs.configure(settings.log_level, settings.log_format, sys.stderr)
+        startup.prepare(settings, os.environ)
     except ConfigError as exc:
         print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format, sys.stderr)
     try:
         trio.run(_serve, settings)
     except Exception as exc:

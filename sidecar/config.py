@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,10 +56,11 @@ def _bind(value: str) -> Bind:
     if match is None:
         raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {value!r}")
     host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range")
-    return Bind(host, port)
+    digits = match.group(2) or match.group(4)
+    # Checked on the text first: int() refuses numbers of thousands of digits.
+    if len(digits) > 5 or int(digits) > 65535:
+        raise ValueError(f"port {digits} is out of range")
+    return Bind(host, int(digits))
 
 
 def _connectors(value: str) -> tuple[Connector, ...]:
@@ -86,20 +88,58 @@ def _store(value: str) -> str:
     if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
     if value.startswith(("mongodb://", "mongodb+srv://")):
+        _check_mongodb_url(value)
         return value
     # Not quoted back: a mistyped URL may hold a password.
     raise ValueError("expected sqlite:///PATH or mongodb://...")
 
 
+def _check_mongodb_url(url: str) -> None:
+    """Raise ValueError when pymongo's own parser refuses `url` (hosts, ports, credentials,
+    database name, options and their values), as MongoClient would at start-up.
+
+    `_validate_uri` is the part of `pymongo.uri_parser.parse_uri` that comes before the DNS
+    lookups of a mongodb+srv:// URL: those can only fail at connect time, where the store
+    reports them (StoreUnavailable). pymongo's messages never quote the URL's credentials
+    (tests/test_config.py checks it), so they are passed on."""
+    from pymongo.errors import PyMongoError
+    from pymongo.uri_parser_shared import _validate_uri
+
+    try:
+        with warnings.catch_warnings():
+            # What pymongo only warns about (an unavailable compressor) it warns about
+            # again, once, when the store connects.
+            warnings.simplefilter("ignore")
+            _validate_uri(url)
+    except (PyMongoError, ValueError) as exc:
+        raise ValueError(f"not a valid MongoDB URL: {exc}") from None
+
+
+def _number(value: str, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected {what}, got {value!r}") from None
+
+
+def _integer(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected {what}, got {value!r}") from None
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    """Seconds (every setting of this kind is a duration)."""
+    what = "a positive number of seconds"
+    number = _number(value, what)
     if not number > 0 or number == float("inf"):
-        raise ValueError(f"expected a positive number, got {value!r}")
+        raise ValueError(f"expected {what}, got {value!r}")
     return number
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _integer(value, "a positive integer")
     if number < 1:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return number
@@ -114,7 +154,7 @@ def _days(value: str) -> float | None:
     value <= 0) for 'no TTL', kept here as 0."""
     if not value.strip():
         return None
-    number = float(value)
+    number = _number(value, f"a number of days, at most {MAX_TTL_DAYS}")
     if not math.isfinite(number) or number > MAX_TTL_DAYS:
         raise ValueError(f"expected at most {MAX_TTL_DAYS} days, got {value!r}")
     return number if number > 0 else 0.0
@@ -173,7 +213,7 @@ def _cookie_max_age(value: str) -> int | None:
     """Seconds; empty or negative (Tock's -1): a session cookie, without Max-Age."""
     if not value.strip():
         return None
-    seconds = int(value)
+    seconds = _integer(value, "a whole number of seconds, or -1 for a session cookie")
     if seconds == 0:
         raise ValueError("expected a positive number of seconds, or -1 for a session cookie")
     return seconds if seconds > 0 else None
@@ -222,6 +262,11 @@ class Option:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def boolean(self) -> bool:
+        """Whether the setting is true or false (its flag alone means true)."""
+        return self.parse is _bool
 
 
 OPTIONS: tuple[Option, ...] = (

@@ -6,6 +6,11 @@ logged while a request was being served (trio copies context variables into the 
 worker threads a request starts, so store and stream logs carry it too), and `exc` with
 the traceback when there is one. Log calls pass message ids, user ids and counts, never a
 message's response payload.
+
+trio's accept loop (`trio.serve_listeners`, which hypercorn's listeners run) logs an error
+with a traceback on every failed accept when the process is out of file descriptors, ten
+times a second; `configure` lets one such line through per `ACCEPT_ERRORS_EVERY` seconds,
+without the traceback, saying how many it left out.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import json
 import logging
 import re
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TextIO
 
@@ -77,9 +84,41 @@ class TextFormatter(logging.Formatter):
         return line.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
 
 
+class RateLimit(logging.Filter):
+    """Lets one record through per `interval` seconds of `clock`, without its traceback;
+    the next one through after some were left out says how many."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._next: float | None = None
+        self._left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if self._next is not None and now < self._next:
+            self._left_out += 1
+            return False
+        self._next = now + self.interval
+        record.exc_info = record.exc_text = None
+        if self._left_out:
+            record.msg = (
+                f"{record.msg} ({self._left_out} more like it not logged: one line per"
+                f" {self.interval:g} s)"
+            )
+            self._left_out = 0
+        return True
+
+
+# The logger of trio.serve_listeners (trio/_highlevel_serve_listeners.py).
+ACCEPT_ERRORS = "trio.serve_listeners"
+ACCEPT_ERRORS_EVERY = 10.0
+
+
 def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:
     """Send every log record at `level` or above to `stream` (stderr) in `fmt` ("json" or
-    "text"), replacing the root logger's handlers."""
+    "text"), replacing the root logger's handlers, and rate-limit trio's accept errors."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -87,3 +126,8 @@ def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    accept_errors = logging.getLogger(ACCEPT_ERRORS)
+    for old_filter in list(accept_errors.filters):
+        if isinstance(old_filter, RateLimit):
+            accept_errors.removeFilter(old_filter)
+    accept_errors.addFilter(RateLimit(ACCEPT_ERRORS_EVERY))

@@ -256,7 +256,13 @@ BAD_VALUES = [
                     "web=/a,", ",web=/a", "", "wéb=/x", "web=/é", "web=/a#b", "web=/a%20b",
                     "web=/..", "web=/a/./b", "web=/a/../b", "a=b=/x"]),
     ("store", ["postgres://x", "sqlite://", "sqlite:///", "sqlite://relative", "", "mongo://x",
-               "./sidecar.db", "MONGODB://x"]),
+               "./sidecar.db", "MONGODB://x", "mongodb://", "mongodb+srv://",
+               "mongodb://host:notaport", "mongodb://host:99999", "mongodb://host:0",
+               "mongodb://[::1", "mongodb://h/bad db", "mongodb://h/?foo=bar",
+               "mongodb://h/?w=1&connectTimeoutMS=soon", "mongodb://h/?tls=maybe",
+               "mongodb://a,b/?directConnection=true", "mongodb+srv://cluster.example:27017",
+               "mongodb+srv://a.example,b.example", "mongodb+srv://c.example/?directConnection=true",
+               "mongodb://u:p@ss@h", "mongodb://u:p%zz@h", "mongodb:///tmp/mongodb.sock"]),
     ("keepalive_seconds", ["0", "-1", "abc", "inf", "-inf", "nan", "", "1e400", "0.0"]),
     ("shutdown_seconds", ["0", "inf", "x"]),
     ("write_timeout_seconds", ["0", "-1", "inf", "nan", "x"]),
@@ -320,12 +326,57 @@ def test_bad_values_cover_every_option() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("store", "mongdb://admin:s3cret@db"), ("send_token", "s3cret ")],
+    [
+        ("store", "mongdb://admin:s3cret@db"),
+        ("send_token", "s3cret "),
+        *[
+            ("store", f"{scheme}{user}{host}{rest}")
+            for scheme in ("mongodb://", "mongodb+srv://")
+            for user in ("admin:s3cret@", "s3cret@", "admin:s3cret/x@")
+            for host in ("db:port", "db:99999")
+            for rest in ("", "/?foo=1", "/?tls=s3cret", "/bad db")
+        ],
+        ("store", "mongodb://admin:s3cret@db/?foo=1"),
+        ("store", "mongodb://admin:s3cret@db/?tls=s3cret"),
+        ("store", "mongodb://admin:s3cret@db/bad db"),
+        ("store", "mongodb+srv://admin:s3cret@a,b"),
+        ("store", "mongodb://admin:s3c@ret@db"),
+    ],
 )
 def test_errors_do_not_quote_secrets(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load({OPTION[name].env: value})
-    assert "s3cret" not in str(info.value)
+    assert "s3c" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mongodb://db",
+        "mongodb://u:p%40ss@a:27017,b:27018/tock_bot?replicaSet=rs0&w=majority",
+        "mongodb://[::1]:27017/?directConnection=true",
+        "mongodb://%2Ftmp%2Fmongodb-27017.sock",
+        "mongodb://db/?compressors=snappy,zstd,zlib&tls=true&appName=x",
+        # No DNS lookup at parse time: these names resolve nowhere.
+        "mongodb+srv://user:secret@cluster0.example.invalid/tock?retryWrites=true&w=majority",
+        "mongodb+srv://cluster0.example.invalid/?srvServiceName=mongodb&srvMaxHosts=2",
+    ],
+)
+def test_valid_mongodb_urls(url: str) -> None:
+    assert load({"SIDECAR_STORE": url}).store == url
+
+
+@pytest.mark.parametrize(("name", "value"), BAD)
+def test_errors_are_not_pythons_conversion_errors(name: str, value: str) -> None:
+    pythons = []
+    for convert in (int, float):
+        try:
+            convert(value)
+        except ValueError as exc:
+            pythons.append(str(exc))
+    with pytest.raises(ConfigError) as info:
+        load({OPTION[name].env: value})
+    assert not [message for message in pythons if message in str(info.value)]
 
 
 def assert_one_line_naming(exc: ConfigError, source: str) -> None:

@@ -37,6 +37,7 @@ from pymongo.database import Database
 from pymongo.errors import (
     BulkWriteError,
     CollectionInvalid,
+    ConfigurationError,
     ConnectionFailure,
     CursorNotFound,
     DuplicateKeyError,
@@ -307,7 +308,9 @@ class MongoStore:
         try:
             return await trio.to_thread.run_sync(connect)
         except PyMongoError as exc:
-            if not _is_unavailable(exc):
+            # A ConfigurationError here is about the URL that only DNS could tell (a
+            # mongodb+srv:// name without SRV records): settings.store parsed.
+            if not (_is_unavailable(exc) or isinstance(exc, ConfigurationError)):
                 raise
             raise StoreUnavailable(f"cannot open MongoDB store: {exc}") from exc
 
