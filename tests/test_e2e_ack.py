@@ -286,9 +286,13 @@ async def test_a_user_cannot_ack_another_users_messages(sidecar: Sidecar) -> Non
     (bobs,) = await make_sent(sidecar, "bob", 1)
     assert (await ack(sidecar, {"lastEventId": bobs}, user="bob")).status_code == 204
     assert (await ack(sidecar, {"lastEventId": "f" * 24}, user="bob")).status_code == 204
-    # Connecting as bob with a Last-Event-ID does not touch alice's either.
-    async with sidecar.stream("bob", last_event_id="f" * 24):
-        pass
+    # Connecting as bob with a Last-Event-ID (one of alice's, or none's) does not touch
+    # alice's either. Bob's queued message comes by the replay, which follows the
+    # acknowledgement: once it is here, the Last-Event-ID has been applied.
+    for sent_back in (mine[1], "f" * 24):
+        queued_for_bob = await sidecar.send("bob")
+        async with sidecar.stream("bob", last_event_id=sent_back) as client:
+            assert (await client.next_message()).id == queued_for_bob
     assert await states(sidecar, ids) == [State.SENT, State.SENT, State.ENQUEUED]
     assert await states(sidecar, [bobs]) == [State.DELIVERED]
     async with sidecar.stream("alice", last_event_id=ZERO_ID) as client:
@@ -306,8 +310,11 @@ async def test_one_connector_cannot_ack_anothers_messages(tmp_path: Path) -> Non
         assert (await ack(sidecar, {"lastEventId": mine[1]}, **other)).status_code == 204
         (theirs,) = await make_sent(sidecar, "alice", 1, connector="other")
         url = f"{sidecar.public}/io/app/other/sse?userId=alice"
-        async with stream_at(sidecar, url, {"Last-Event-ID": mine[1]}):
-            pass  # an id of another connector's log: no position there
+        queued_there = await sidecar.send("alice", "other")
+        # An id of another connector's log: no position there. The replay follows the
+        # acknowledgement: once it is here, the Last-Event-ID has been applied.
+        async with stream_at(sidecar, url, {"Last-Event-ID": mine[1]}) as client:
+            assert (await client.next_message()).id == queued_there
         assert await states(sidecar, [*ids, theirs]) == [
             State.SENT,
             State.SENT,

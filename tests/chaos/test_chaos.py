@@ -10,6 +10,7 @@ reloads, and no two sends made one after the other shown in the other order. Siz
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -21,9 +22,16 @@ from tests.chaos.harness import SCALE, Bot, Fleet, Ledger, Tab, scaled
 from tests.mongo_harness import MongoJavaServer
 
 SEED = 20261203
+# A larger run is longer, and busier only up to MAX_USERS users (two tabs each): on this
+# machine's two cores the tabs and bots of this process take one, and past 20 users the
+# fleet falls behind the load (docs/delivery.md, "Where it stands").
+MAX_USERS = int(os.environ.get("CHAOS_MAX_USERS", "20"))
+# How long the tabs get to catch up once the faults stop (a larger run has more to catch
+# up on, and on this machine's two cores the tabs and bots take one of them).
+DRAIN_SECONDS = 60.0 * max(1.0, SCALE)
 
 
-@pytest.mark.time_limit(max(120.0, 120.0 * SCALE))
+@pytest.mark.time_limit(max(120.0, 120.0 * SCALE) + DRAIN_SECONDS)
 async def test_nothing_lost_nothing_twice_in_order_under_faults(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     server = MongoJavaServer()
@@ -36,7 +44,7 @@ async def test_nothing_lost_nothing_twice_in_order_under_faults(tmp_path: Path) 
         "SIDECAR_KEEPALIVE_SECONDS": "1",
     }
     fleet = Fleet(env, 3, rng)
-    users = [f"user-{n}" for n in range(scaled(5))]
+    users = [f"user-{n}" for n in range(min(scaled(5), MAX_USERS))]
     turns = scaled(40)
     try:
         async with (
@@ -76,9 +84,13 @@ async def test_nothing_lost_nothing_twice_in_order_under_faults(tmp_path: Path) 
                 load.cancel_scope.cancel()
             for tab in tabs:
                 tab.faulty = False
-            with trio.move_on_after(60):
+            # The fleet's lag, apart from what it lost: how long the tabs took to have every
+            # accepted message once the faults stopped.
+            quiet = trio.current_time()
+            with trio.move_on_after(DRAIN_SECONDS):
                 while not ledger.complete():
                     await trio.sleep(0.1)
+            ledger.counts["seconds to catch up"] = round(trio.current_time() - quiet, 1)
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(server.stop)
