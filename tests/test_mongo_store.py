@@ -22,13 +22,20 @@ import trio
 from bson import ObjectId
 from bson.int64 import Int64
 from pymongo import monitoring, uri_parser
+from pymongo.errors import (
+    AutoReconnect,
+    CursorNotFound,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+)
 
 from sidecar.config import Settings
 from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message, State, new_id
 from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY
-from sidecar.store.mongo import MongoStore
+from sidecar.store.mongo import FeedStep, MongoStore, feed_step
 from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port, not_messages
 from tests.tock_documents import encoded_size, fixtures
 
@@ -596,20 +603,40 @@ async def test_open_fails_fast_when_mongodb_is_unreachable() -> None:
     assert trio.current_time() - began < 5.0
 
 
-def test_error_classification() -> None:
-    from pymongo.errors import AutoReconnect, OperationFailure
+def labelled(code: int) -> OperationFailure:
+    return OperationFailure("x", code=code, details={"errorLabels": ["ResumableChangeStreamError"]})
 
-    from sidecar.store.mongo import _history_lost, _is_unavailable, _resumable
 
-    lost = OperationFailure("resume point gone", code=286)
-    assert _history_lost(lost)
-    assert _is_unavailable(lost)
-    assert not _resumable(lost)
-    assert _resumable(AutoReconnect("reset"))
-    assert not _history_lost(AutoReconnect("reset"))
-    assert _resumable(OperationFailure("stepped down", code=189))
-    labelled = OperationFailure(
-        "x", code=1, details={"errorLabels": ["ResumableChangeStreamError"]}
-    )
-    assert _resumable(labelled)
-    assert not _resumable(OperationFailure("unauthorized", code=13))
+LOST, RESUME = FeedStep.LOST, FeedStep.RESUME
+# (error, at a resume token, server wire version, step)
+FEED_STEPS = [
+    # The resume point is gone, whatever the version and wherever it failed.
+    *[
+        (OperationFailure("gone", code=code), at_token, wire, LOST)
+        for code in (136, 260, 280, 286)
+        for at_token in (False, True)
+        for wire in (None, 8, 17)
+    ],
+    # Network errors, a lost cursor and timeouts are resumed after.
+    *[
+        (error, at_token, wire, RESUME)
+        for error in (AutoReconnect("reset"), NetworkTimeout("slow"), CursorNotFound("gone"))
+        for at_token in (False, True)
+        for wire in (None, 8, 17)
+    ],
+    # From wire version 9 the label decides; before it (or unknown) the code.
+    (labelled(1), True, 17, RESUME),
+    (OperationFailure("stepped down", code=189), True, 17, LOST),
+    (OperationFailure("stepped down", code=189), True, 8, RESUME),
+    (OperationFailure("stepped down", code=189), True, None, RESUME),
+    (labelled(1), True, 8, LOST),
+    # Anything else: lost only when the server refused our resume token.
+    (OperationFailure("unauthorized", code=13), True, 17, LOST),
+    (OperationFailure("unauthorized", code=13), False, 17, RESUME),
+    (OperationFailure("unauthorized", code=13), False, None, RESUME),
+]
+
+
+@pytest.mark.parametrize(("error", "at_token", "wire", "step"), FEED_STEPS)
+def test_feed_step(error: PyMongoError, at_token: bool, wire: int | None, step: FeedStep) -> None:
+    assert feed_step(error, at_token=at_token, wire_version=wire) is step

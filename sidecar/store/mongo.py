@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import functools
 import logging
 import secrets
@@ -139,16 +140,44 @@ def _is_unavailable(exc: PyMongoError) -> bool:
     return isinstance(exc, ConnectionFailure | OperationFailure) or exc.timeout
 
 
-def _resumable(exc: PyMongoError) -> bool:
+class FeedStep(enum.Enum):
+    """What the feed does after its change stream failed (`feed_step`)."""
+
+    RESUME = "resume"  # reopen where it was: from the resume token, else the start point
+    LOST = "lost"  # the server has no history from there: adopt, HistoryLost, from now
+
+
+# Wire version 9 is MongoDB 4.4, from which the server labels the errors a change stream
+# may be resumed after; before it, the driver goes by their codes (RESUMABLE_CODES).
+LABELLED_WIRE_VERSION = 9
+
+
+def feed_step(exc: PyMongoError, *, at_token: bool, wire_version: int | None) -> FeedStep:
+    """The feed's one rule for a failure of its change stream: `exc`, raised opening it
+    from a resume token (`at_token`) or otherwise (opening it at a start point, or reading
+    it), by a server of `wire_version` (None: unknown).
+
+    A code of HISTORY_LOST_CODES means the resume point is gone. A resumable error (the
+    driver's rule: network errors, a lost cursor, timeouts; a server error labelled
+    `ResumableChangeStreamError` from wire version 9, one of RESUMABLE_CODES before it or
+    when the version is unknown) is resumed after. Any other error is resumed after too,
+    unless the server refused to open the stream at our resume token: then what was
+    written since that point is unknown, as if the history were lost."""
+    if isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST_CODES:
+        return FeedStep.LOST
+    if at_token and not _resumable(exc, wire_version):
+        return FeedStep.LOST
+    return FeedStep.RESUME
+
+
+def _resumable(exc: PyMongoError, wire_version: int | None) -> bool:
     if isinstance(exc, ConnectionFailure | CursorNotFound):
         return True
     if isinstance(exc, OperationFailure):
-        return exc.has_error_label("ResumableChangeStreamError") or exc.code in RESUMABLE_CODES
+        if wire_version is not None and wire_version >= LABELLED_WIRE_VERSION:
+            return exc.has_error_label("ResumableChangeStreamError")
+        return exc.code in RESUMABLE_CODES
     return exc.timeout
-
-
-def _history_lost(exc: PyMongoError) -> bool:
-    return isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST_CODES
 
 
 def _pause(seconds: float) -> None:
@@ -709,7 +738,7 @@ class MongoStore:
             try:
                 return self._watch(None, at), at, None
             except OperationFailure as exc:
-                if not _history_lost(exc):
+                if feed_step(exc, at_token=False, wire_version=None) is not FeedStep.LOST:
                     raise
                 log.warning("the feed's checkpoint %s has left the oplog (%r): adopting", at, exc)
             adoption = _Adoption(since=at)
@@ -746,35 +775,28 @@ class MongoStore:
             trio.from_thread.run_sync(started)
             while True:
                 trio.from_thread.check_cancelled()
-                if current is None:
-                    try:
-                        current = self._watch(token, start)
-                    except PyMongoError as exc:
-                        if _history_lost(exc) or (token is not None and not _resumable(exc)):
-                            # The server rejects our resume point: what was written since
-                            # is unknown.
-                            log.warning("change stream cannot resume (%r): history lost", exc)
-                            token, start = None, self._lost(seen or start, send)
-                        else:
-                            log.warning("reopening the change stream failed: %r", exc)
-                        _pause(backoff)
-                        backoff = min(backoff * 2, FEED_BACKOFF_MAX)
-                        continue
-                    where = "from its resume token" if token is not None else f"at {start}"
-                    log.warning("change stream resumed %s", where)
                 began = time.monotonic()
+                at_token = False  # whether what fails is opening the stream at `token`
                 try:
+                    if current is None:
+                        at_token = token is not None
+                        current = self._watch(token, start)
+                        at_token = False
+                        where = "from its resume token" if token is not None else f"at {start}"
+                        log.warning("change stream resumed %s", where)
                     change = current.try_next()
                 except PyMongoError as exc:
-                    token = current.resume_token or token
-                    _close_quietly(current)
-                    current = None
-                    if _history_lost(exc):
-                        log.warning("change stream history lost (%r): restarting from now", exc)
+                    if current is not None:
+                        token = current.resume_token or token
+                        _close_quietly(current)
+                        current = None
+                    step = feed_step(exc, at_token=at_token, wire_version=self._wire_version())
+                    if step is FeedStep.LOST:
+                        log.warning("change stream cannot resume (%r): history lost", exc)
                         token, start = None, self._lost(seen or start, send)
                     else:
                         log.warning("change stream interrupted (%r): resuming", exc)
-                    # A server that fails every getMore must not be hammered in a loop.
+                    # A server that fails every time must not be hammered in a loop.
                     _pause(backoff)
                     backoff = min(backoff * 2, FEED_BACKOFF_MAX)
                     continue
@@ -805,6 +827,15 @@ class MongoStore:
             _close_quietly(current)
             with self._readers_lock:
                 self._readers -= 1
+
+    def _wire_version(self) -> int | None:
+        """The highest wire version of the servers the client knows (None: none known)."""
+        versions = [
+            d.max_wire_version
+            for d in self._client.topology_description.server_descriptions().values()
+            if d.is_server_type_known
+        ]
+        return max(versions, default=None)
 
     def _retrying(self, fn: Callable[[], T]) -> tuple[T, bool]:
         """`fn` until MongoDB lets it through (in the feed thread; cancellable), and
