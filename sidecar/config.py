@@ -145,6 +145,18 @@ def _positive_int(value: str) -> int:
     return number
 
 
+# A stream's buffer is allocated as it fills: this bounds what one slow stream holds (the
+# hub cuts it off past it, and it replays from the store when it reconnects).
+MAX_STREAM_BUFFER = 4096
+
+
+def _stream_buffer(value: str) -> int:
+    number = _positive_int(value)
+    if number > MAX_STREAM_BUFFER:
+        raise ValueError(f"expected at most {MAX_STREAM_BUFFER} messages, got {value!r}")
+    return number
+
+
 # MongoDB's TTL indexes take at most 2**31 - 1 seconds.
 MAX_TTL_DAYS = 24855
 
@@ -313,8 +325,9 @@ OPTIONS: tuple[Option, ...] = (
            " (empty: tock on MongoDB, any on SQLite)"),
     Option("replay_sent", "SIDECAR_REPLAY_SENT", "false", _bool,
            "replay SENT messages to clients that send no Last-Event-ID"),
-    Option("stream_buffer", "SIDECAR_STREAM_BUFFER", "256", _positive_int,
-           "messages queued per stream before the stream is cut off as too slow"),
+    Option("stream_buffer", "SIDECAR_STREAM_BUFFER", "256", _stream_buffer,
+           "messages queued per stream before the stream is cut off as too slow (at most"
+           " 4096)"),
     Option("replay_page", "SIDECAR_REPLAY_PAGE", "500", _positive_int,
            "messages read from the store per replay query"),
     Option("shutdown_seconds", "SIDECAR_SHUTDOWN_SECONDS", "10", _positive_float,

@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import math
+from collections import deque
 from types import TracebackType
 from typing import Any
 
@@ -48,7 +49,7 @@ class Mailbox:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._items: list[FeedItem] = []
+        self._items: deque[FeedItem] = deque()
         self._waiter: trio.lowlevel.Task | None = None
         self._closed = False
         # The hub's pinger (`Hub.run_pings`) sets `ping_due` at `ping_at` and wakes `wait`.
@@ -71,7 +72,7 @@ class Mailbox:
             raise trio.ClosedResourceError
         if not self._items:
             raise trio.WouldBlock
-        return self._items.pop(0)
+        return self._items.popleft()
 
     async def receive(self) -> FeedItem:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -86,7 +87,7 @@ class Mailbox:
                 raise trio.ClosedResourceError
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
-        return self._items.pop(0)
+        return self._items.popleft()
 
     async def wait(self) -> None:
         """Wait until there is an item to take or a ping is due (a trio checkpoint)."""

@@ -274,7 +274,7 @@ BAD_VALUES = [
     ("max_batch_items", ["0"]),
     ("max_batch_bytes", ["-1"]),
     ("queue_max_count", ["0", "many"]),
-    ("stream_buffer", ["0", "1k"]),
+    ("stream_buffer", ["0", "1k", "4097"]),
     ("replay_page", ["0"]),
     ("queue_ttl_days", ["abc", "1d", "inf", "nan", "-inf"]),
     ("queue_max_size_kb", ["0", "x", "-3"]),
