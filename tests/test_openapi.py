@@ -74,8 +74,6 @@ async def test_every_route_of_both_listeners_is_documented(tmp_path: Path) -> No
     served = {(c.stream_path, "get") for c in settings.connectors}  # the raw ASGI route
     for app in apps:
         for rule in app.url_map.iter_rules():
-            if rule.endpoint == "static":
-                continue
             path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
             served |= {
                 (path, m.lower()) for m in rule.methods or () if m not in ("HEAD", "OPTIONS")
@@ -87,6 +85,20 @@ async def test_every_route_of_both_listeners_is_documented(tmp_path: Path) -> No
         if method in HTTP_METHODS
     }
     assert served == documented
+
+
+async def test_no_listener_serves_a_static_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Quart's default would serve `<cwd>/static/` at `/static/` on both listeners.
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "secret.txt").write_text("not for the web")
+    monkeypatch.chdir(tmp_path)
+    async with running_sidecar(settings_for(tmp_path)) as sc:
+        for base in (sc.public, sc.send_url):
+            reply = await sc.client.get(f"{base}/static/secret.txt")
+            assert reply.status_code == 404, (base, reply.text)
+            assert reply.json()["error"]["code"] == "not_found"
 
 
 def _operations_and_bases(send_url: str, public_url: str) -> list[tuple[Any, list[str]]]:

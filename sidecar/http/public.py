@@ -333,7 +333,8 @@ def _quart_app(
     policies: dict[str, identity.Policy],
     credentials: Callable[[str], bool],
 ) -> QuartTrio:
-    app = QuartTrio("sidecar.public")
+    # No static folder: Quart's default would serve `<cwd>/static/` at `/static/`.
+    app = QuartTrio("sidecar.public", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_ack_bytes
     install_error_handlers(app)
     install_health_routes(app, store, details=False)

@@ -225,7 +225,8 @@ async def json_body(limit: int) -> Any:
 
 
 def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
-    app = QuartTrio("sidecar.send")
+    # No static folder: Quart's default would serve `<cwd>/static/` at `/static/`.
+    app = QuartTrio("sidecar.send", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_payload_bytes, settings.max_batch_bytes)
     install_error_handlers(app)
     install_health_routes(app, store, details=True)
