@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -457,6 +459,19 @@ def tampered(value: str) -> str:
     return ".".join([version, key_id, encoded, mac])
 
 
+def signed_claims(sub: str) -> str:
+    """A token for `sub` on `web`, signed with k1, its payload made by `json.dumps` as the
+    README's Python snippet makes it (a lone surrogate becomes the escape `\\ud800`)."""
+    claims = {"sub": sub, "cid": "web", "exp": int(time.time()) + 60}
+    signed = f"v1.k1.{b64(json.dumps(claims).encode())}"
+    mac = hmac.new(SECRET_1.encode(), signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{b64(mac)}"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("expired", lambda: mint("alice", ttl=-1), "token_expired"),
     ("tampered", lambda: tampered(mint("alice")), "token_invalid"),
@@ -464,6 +479,11 @@ BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("unknown-key", lambda: mint("alice", key=token.SigningKey("k3", KEY_1.secret)),
      "token_invalid"),
     ("malformed", lambda: "v1.k1.nope", "token_invalid"),
+    # Signed, but the sub is no user id (the rule every user id follows).
+    ("lone-surrogate-sub", lambda: signed_claims("\ud800"), "token_invalid"),
+    ("control-character-sub", lambda: signed_claims("alice\nbob"), "token_invalid"),
+    ("too-long-sub", lambda: signed_claims("u" * 513), "token_invalid"),
+    ("empty-sub", lambda: signed_claims(""), "token_invalid"),
 ]  # fmt: skip
 
 
