@@ -42,7 +42,14 @@ from sidecar.hub import Hub
 from sidecar.identity import user_id_problem
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol import tock
-from sidecar.protocol.message import Message, idempotent_id, is_idempotency_key, new_id
+from sidecar.protocol.message import (
+    Message,
+    NotStorable,
+    check_storable,
+    idempotent_id,
+    is_idempotency_key,
+    new_id,
+)
 from sidecar.protocol.sse import dumps
 from sidecar.store.base import Store, StoreUnavailable
 
@@ -93,6 +100,10 @@ def parse_item(item: Any, settings: Settings, where: str = "", key: str | None =
         raise ApiError(400, "invalid_field", f"{where}recipientId {problem}")
     if not isinstance(response, dict):
         raise ApiError(400, "invalid_field", f"{where}response must be a JSON object")
+    try:
+        check_storable(response)
+    except NotStorable as exc:
+        raise ApiError(400, "invalid_field", f"{where}response {exc}") from None
     if settings.tock_responses:
         try:
             tock.check(response)
