@@ -225,26 +225,37 @@ def from_query(query: Mapping[str, str]) -> str:
         raise IdentityError(400, "invalid_user_id", "userId and userid name different users")
     if not user_id:
         raise IdentityError(400, "missing_user_id", "missing userId query parameter")
-    if len(user_id) > MAX_USER_ID_LENGTH:
-        raise IdentityError(
-            400, "invalid_user_id", f"userId is longer than {MAX_USER_ID_LENGTH} characters"
-        )
-    if has_control_characters(user_id):
-        raise IdentityError(400, "invalid_user_id", "userId has control characters")
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise IdentityError(400, "invalid_user_id", f"userId {problem}")
     return user_id
 
 
-def has_control_characters(user_id: str) -> bool:
-    """Whether a user id holds a control character (a line break, NUL...): no browser has
-    such an id, and it would break log lines."""
-    return _CONTROL.search(user_id) is not None
+def user_id_problem(user_id: str) -> str | None:
+    """What makes `user_id` no user id, as words to follow its name ("is longer than..."),
+    or None. The one rule for every user id, whichever way it comes (query, cookie, token,
+    header, a send's `recipientId`): 1 to MAX_USER_ID_LENGTH characters, no control
+    character (a line break, NUL...: no browser has such an id, and it would break log
+    lines), and valid Unicode (JSON escapes can make a lone surrogate, which no browser,
+    store or log can take)."""
+    if not user_id:
+        return "is empty"
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        return f"is longer than {MAX_USER_ID_LENGTH} characters"
+    if _CONTROL.search(user_id) is not None:
+        return "has control characters"
+    try:
+        user_id.encode()
+    except UnicodeEncodeError:
+        return "is not valid Unicode"
+    return None
 
 
 def _valid_cookie_value(value: str | None) -> bool:
-    # RFC 6265 cookie-octets: printable ASCII without space, '"', ',', ';' or '\'.
+    # A user id in RFC 6265 cookie-octets: printable ASCII without space, '"', ',', ';' or '\'.
     return (
         value is not None
-        and 0 < len(value) <= MAX_USER_ID_LENGTH
+        and user_id_problem(value) is None
         and all(0x21 <= ord(c) <= 0x7E and c not in '",;\\' for c in value)
     )
 
@@ -280,9 +291,13 @@ def _from_token(policy: Policy, request: RequestView, now: float) -> str:
             401, "missing_token", "missing token query parameter or Authorization: Bearer header"
         )
     try:
-        return token.verify(raw, policy.signing_keys, policy.connector_id, now)
+        user_id = token.verify(raw, policy.signing_keys, policy.connector_id, now)
     except token.TokenError as exc:
         raise IdentityError(401, exc.code, str(exc)) from None
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise IdentityError(401, "token_invalid", f"the token's sub {problem}")
+    return user_id
 
 
 def _trusted(policy: Policy, host: str | None) -> bool:
@@ -311,10 +326,7 @@ def _from_header(policy: Policy, request: RequestView) -> str:
         user_id = values[0].strip().encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise IdentityError(401, "invalid_user_id", "the user id is not UTF-8") from None
-    if len(user_id) > MAX_USER_ID_LENGTH:
-        raise IdentityError(
-            401, "invalid_user_id", f"the user id is longer than {MAX_USER_ID_LENGTH} characters"
-        )
-    if has_control_characters(user_id):
-        raise IdentityError(401, "invalid_user_id", "the user id has control characters")
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise IdentityError(401, "invalid_user_id", f"the user id {problem}")
     return user_id

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -73,6 +75,7 @@ async def refused_stream(
     sidecar: Sidecar, url: str, headers: dict[str, str] | None = None
 ) -> httpx.Response:
     async with sidecar.client.stream("GET", url, headers=headers or {}) as response:
+        assert response.status_code != 200, "the stream opened"
         await response.aread()
         return response
 
@@ -338,6 +341,91 @@ async def test_cookie_routes_refuse_origins_the_cors_pattern_does_not_let_in(
         assert await states(sidecar, [message]) == [State.DELIVERED]
 
 
+# Fetch metadata (Sec-Fetch-*) as browsers send it for each way a page can have them ask
+# for a URL. EventSource and fetch() say cors/empty, with Sec-Fetch-Site and, from another
+# origin, an Origin.
+IMG = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+IFRAME = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+LINK = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+SAME_ORIGIN_FETCH = {
+    "Sec-Fetch-Site": "same-origin",
+    "Sec-Fetch-Mode": "cors",
+    "Sec-Fetch-Dest": "empty",
+}
+CROSS_SITE_FETCH = SAME_ORIGIN_FETCH | {"Sec-Fetch-Site": "cross-site", "Origin": ORIGIN}
+FORGED_ACK = json.dumps({"lastEventId": "f" * 24})
+
+
+async def test_cookie_routes_refuse_what_an_img_or_an_iframe_sends(tmp_path: Path) -> None:
+    """The audit's attack: a page on any site loads
+    `<img src=".../sse?lastEventId=ffffffffffffffffffffffff">` (or an iframe, or a link);
+    the browser sends the SameSite=None cookie and no Origin, and every SENT message of
+    the user would be acknowledged. Fetch metadata tells such requests apart from
+    EventSource and fetch(), whatever the CORS pattern (the default here)."""
+    async with running_sidecar(settings_for(tmp_path, SIDECAR_IDENTITY="cookie")) as sidecar:
+        user_id, _ = await minted_cookie(sidecar)
+        cookie = {"Cookie": f"{COOKIE_NAME}={user_id}"}
+        url = f"{sidecar.public}/io/app/web/sse"
+        message = await sidecar.send(user_id)
+        async with open_stream(sidecar, url, cookie | SAME_ORIGIN_FETCH) as (_, client):
+            assert (await client.next_message()).id == message
+        await wait_for_state(sidecar, [message], State.SENT)
+        same_origin_img = IMG | {"Sec-Fetch-Site": "same-origin"}
+        address_bar = LINK | {"Sec-Fetch-Site": "none"}
+        for fetch in (IMG, IFRAME, LINK, same_origin_img, address_bar):
+            refused = await refused_stream(sidecar, f"{url}?lastEventId={'f' * 24}", cookie | fetch)
+            assert_error(refused, 403, "fetch_not_allowed")
+            assert "set-cookie" not in refused.headers
+        # A form another site posts (navigate), or a no-cors fetch(): an Origin the
+        # pattern lets in, but not what the browser client sends.
+        form = LINK | {"Origin": "https://evil.example", "Sec-Fetch-Dest": "iframe"}
+        no_cors = CROSS_SITE_FETCH | {"Sec-Fetch-Mode": "no-cors"}
+        for fetch in (form, no_cors, same_origin_img):
+            reply = await sidecar.client.post(
+                f"{url}/ack",
+                content=FORGED_ACK,
+                headers=cookie | fetch | {"Content-Type": "text/plain"},
+            )
+            assert_error(reply, 403, "fetch_not_allowed")
+        assert await states(sidecar, [message]) == [State.SENT]
+        # What EventSource and fetch() send is served, from the sidecar's own pages and
+        # from another origin alike; so is a request with no fetch metadata at all (an
+        # older browser, or no browser), judged by its Origin alone as before.
+        for fetch in (SAME_ORIGIN_FETCH, CROSS_SITE_FETCH, {}):
+            async with open_stream(sidecar, url, cookie | fetch):
+                pass
+            reply = await sidecar.client.post(
+                f"{url}/ack", json={"ids": []}, headers=cookie | fetch
+            )
+            assert reply.status_code == 204, reply.text
+        reply = await sidecar.client.post(
+            f"{url}/ack",
+            content=json.dumps({"lastEventId": message}),
+            headers=cookie | CROSS_SITE_FETCH | {"Content-Type": "text/plain"},
+        )
+        assert reply.status_code == 204, reply.text
+        assert await states(sidecar, [message]) == [State.DELIVERED]
+
+
+async def test_a_request_from_another_site_must_say_its_origin(tmp_path: Path) -> None:
+    # No browser sends a cors request from another site without an Origin; one that says
+    # it comes from another site and not from where is not believed to be let in.
+    settings = settings_for(
+        tmp_path, SIDECAR_IDENTITY="cookie", SIDECAR_CORS_PATTERN=r"https://shop\.example"
+    )
+    async with running_sidecar(settings) as sidecar:
+        user_id, _ = await minted_cookie(sidecar)
+        headers = {"Cookie": f"{COOKIE_NAME}={user_id}"} | SAME_ORIGIN_FETCH
+        url = f"{sidecar.public}/io/app/web/sse"
+        for site in ("cross-site", "same-site", "none"):
+            fetch = headers | {"Sec-Fetch-Site": site}
+            assert_error(await refused_stream(sidecar, url, fetch), 403, "origin_not_allowed")
+            reply = await sidecar.client.post(f"{url}/ack", json={"ids": []}, headers=fetch)
+            assert_error(reply, 403, "origin_not_allowed")
+            async with open_stream(sidecar, url, fetch | {"Origin": ORIGIN}):
+                pass
+
+
 @pytest.mark.parametrize(
     ("env", "warned"),
     [
@@ -371,6 +459,19 @@ def tampered(value: str) -> str:
     return ".".join([version, key_id, encoded, mac])
 
 
+def signed_claims(sub: str) -> str:
+    """A token for `sub` on `web`, signed with k1, its payload made by `json.dumps` as the
+    README's Python snippet makes it (a lone surrogate becomes the escape `\\ud800`)."""
+    claims = {"sub": sub, "cid": "web", "exp": int(time.time()) + 60}
+    signed = f"v1.k1.{b64(json.dumps(claims).encode())}"
+    mac = hmac.new(SECRET_1.encode(), signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{b64(mac)}"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("expired", lambda: mint("alice", ttl=-1), "token_expired"),
     ("tampered", lambda: tampered(mint("alice")), "token_invalid"),
@@ -378,6 +479,11 @@ BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("unknown-key", lambda: mint("alice", key=token.SigningKey("k3", KEY_1.secret)),
      "token_invalid"),
     ("malformed", lambda: "v1.k1.nope", "token_invalid"),
+    # Signed, but the sub is no user id (the rule every user id follows).
+    ("lone-surrogate-sub", lambda: signed_claims("\ud800"), "token_invalid"),
+    ("control-character-sub", lambda: signed_claims("alice\nbob"), "token_invalid"),
+    ("too-long-sub", lambda: signed_claims("u" * 513), "token_invalid"),
+    ("empty-sub", lambda: signed_claims(""), "token_invalid"),
 ]  # fmt: skip
 
 

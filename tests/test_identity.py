@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ from sidecar.identity import (
     parse_networks,
     policy_for,
     resolve,
+    user_id_problem,
 )
 from sidecar.protocol import token
+from tests.protocol.test_token import forge
 
 SECRET = "0123456789abcdef0123456789abcdef"
 KEY = token.SigningKey("k1", SECRET.encode())
@@ -313,6 +316,34 @@ def test_signed_mode_refuses(request_view: RequestView, code: str) -> None:
     for mint in (False, True):
         error = refused(SIGNED, request_view, mint_cookie=mint)
         assert (error.status, error.code) == (401, code)
+
+
+@pytest.mark.parametrize("sub", ["", "u" * 513, "a\nb", "\x00", "a\x9b", "\ud800", "\udfffx"])
+def test_signed_mode_refuses_a_sub_that_is_no_user_id(sub: str) -> None:
+    # Signed all right, but held to the rule of every user id.
+    claims = json.dumps({"sub": sub, "cid": "web", "exp": NOW + 60}).encode()
+    error = refused(SIGNED, view({"token": forge(KEY, claims)}))
+    assert (error.status, error.code) == (401, "token_invalid")
+    assert "sub" in error.message
+
+
+@pytest.mark.parametrize(
+    ("user_id", "problem"),
+    [
+        ("alice", None),
+        ("zoë 🙂", None),
+        ("u" * 512, None),
+        ("", "is empty"),
+        ("u" * 513, "is longer than 512 characters"),
+        ("a\tb", "has control characters"),
+        ("\x7f", "has control characters"),
+        ("\x85", "has control characters"),
+        ("\ud800", "is not valid Unicode"),
+        ("a\udc80", "is not valid Unicode"),
+    ],
+)
+def test_the_user_id_rule(user_id: str, problem: str | None) -> None:
+    assert user_id_problem(user_id) == problem
 
 
 # --- header ----------------------------------------------------------------------------------

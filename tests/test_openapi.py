@@ -29,6 +29,8 @@ import sidecar
 from sidecar.http.public import PublicApp
 from sidecar.http.send import build_send_app
 from sidecar.hub import Hub
+from sidecar.identity import MAX_USER_ID_LENGTH, user_id_problem
+from sidecar.protocol.message import MAX_RESPONSE_DEPTH
 from sidecar.store.sqlite import SqliteStore
 from sidecar.stream import SentMarker
 from tests.sidecar_harness import Sidecar, running_sidecar, settings_for
@@ -74,8 +76,6 @@ async def test_every_route_of_both_listeners_is_documented(tmp_path: Path) -> No
     served = {(c.stream_path, "get") for c in settings.connectors}  # the raw ASGI route
     for app in apps:
         for rule in app.url_map.iter_rules():
-            if rule.endpoint == "static":
-                continue
             path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
             served |= {
                 (path, m.lower()) for m in rule.methods or () if m not in ("HEAD", "OPTIONS")
@@ -87,6 +87,47 @@ async def test_every_route_of_both_listeners_is_documented(tmp_path: Path) -> No
         if method in HTTP_METHODS
     }
     assert served == documented
+
+
+async def test_no_listener_serves_a_static_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Quart's default would serve `<cwd>/static/` at `/static/` on both listeners.
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "secret.txt").write_text("not for the web")
+    monkeypatch.chdir(tmp_path)
+    async with running_sidecar(settings_for(tmp_path)) as sc:
+        for base in (sc.public, sc.send_url):
+            reply = await sc.client.get(f"{base}/static/secret.txt")
+            assert reply.status_code == 404, (base, reply.text)
+            assert reply.json()["error"]["code"] == "not_found"
+
+
+def test_the_user_id_rule_is_stated_as_the_sidecar_applies_it() -> None:
+    document = _document()
+    schema = document["components"]["schemas"]["UserId"]
+    assert (schema["minLength"], schema["maxLength"]) == (1, MAX_USER_ID_LENGTH)
+    pattern = re.compile(schema["pattern"])
+    for code in range(0x300):  # every control character and many around them
+        user_id = f"a{chr(code)}b"
+        assert (pattern.fullmatch(user_id) is not None) == (user_id_problem(user_id) is None)
+    # Every user id the API takes is one of these.
+    ref = {"$ref": "#/components/schemas/UserId"}
+    assert document["components"]["schemas"]["SendRequest"]["properties"]["recipientId"] == ref
+    for path in ("/io/app/web/sse", "/io/app/web/sse/ack"):
+        operations = [o for m, o in document["paths"][path].items() if m in HTTP_METHODS]
+        for parameter in (p for o in operations for p in o.get("parameters", ())):
+            if parameter["name"] in ("userId", "userid"):
+                assert parameter["schema"] == ref, (path, parameter)
+
+
+def test_the_response_rules_are_stated() -> None:
+    send_request = _document()["components"]["schemas"]["SendRequest"]
+    description = send_request["properties"]["response"]["description"]
+    assert f"nested at most {MAX_RESPONSE_DEPTH} levels" in description
+    assert "64 bits" in description
+    assert "NUL" in description
+    assert "1e999" in description
 
 
 def _operations_and_bases(send_url: str, public_url: str) -> list[tuple[Any, list[str]]]:

@@ -16,6 +16,7 @@ import trio
 from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import IdGenerator, Message, State
 from sidecar.store.base import FeedItem, Store
+from tests.protocol.test_message import STORABLE
 
 _clock = itertools.count(1_700_000_000)
 new_id = IdGenerator(clock=lambda: next(_clock))
@@ -35,6 +36,18 @@ async def test_save_then_get_round_trips_response(store: Store) -> None:
         m.id, "web", "alice", response, State.ENQUEUED,
     )  # fmt: skip
     assert abs((got.enqueued_at - m.enqueued_at).total_seconds()) < 0.01
+
+
+@pytest.mark.parametrize("response", [r[1] for r in STORABLE], ids=[r[0] for r in STORABLE])
+async def test_every_response_the_send_api_takes_round_trips(
+    store: Store, response: dict[str, object]
+) -> None:
+    # At the limits of `check_storable`: what one store keeps, every store keeps.
+    m = Message(new_id(), "web", "alice", response)
+    await store.save([m])
+    got = await store.get(m.id)
+    assert got is not None
+    assert got.response == response
 
 
 async def test_get_unknown_is_none(store: Store) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -24,15 +25,31 @@ class ApiError(Exception):
         self.message = message
 
 
+class _NotFinite(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    raise _NotFinite(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: beyond a double
+        raise _NotFinite(text)
+    return value
 
 
 def parse_json(body: str | bytes) -> Any:
-    """Strict JSON (no NaN or Infinity, which browsers' JSON.parse refuses); ApiError 400
-    when `body` is not that."""
+    """Strict JSON: no NaN or Infinity, which browsers' JSON.parse refuses, whether written
+    as such or as a number beyond a double (`1e999`, which would be written back as
+    `Infinity`); ApiError 400 when `body` is not that."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+    except _NotFinite:
+        raise ApiError(
+            400, "invalid_json", "the body is not valid JSON: numbers must be finite"
+        ) from None
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
 

@@ -143,12 +143,15 @@ class PublicApp:
     async def _stream(
         self, connector: Connector, scope: HTTPScope, receive: Receive, send: Send
     ) -> None:
-        if self._credentials(scope["path"]) and _cross_site(
-            _header(scope, b"origin"), _header(scope, b"host"), self._settings.cors_pattern
-        ):
-            return await self._error(
-                scope, send, 403, "origin_not_allowed", "this origin may not open this stream"
+        if self._credentials(scope["path"]):
+            forged = _forged(
+                lambda name: _header(scope, name.encode()),
+                _header(scope, b"host"),
+                self._settings.cors_pattern,
+                "open this stream",
             )
+            if forged is not None:
+                return await self._error(scope, send, forged.status, forged.code, forged.message)
         try:
             query = _query(scope)
             resolved = identity.resolve(
@@ -278,15 +281,44 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _cross_site(origin: str | None, host: str | None, pattern: re.Pattern[str]) -> bool:
-    """Whether a request comes from a page of another site that the CORS pattern does not
-    let in. A browser sends the user's cookie with it all the same: CORS only keeps the
-    page from reading the answer. A route that knows its user by cookie refuses it, or any
-    site could open that user's stream or acknowledge their messages (cross-site request
-    forgery). A same-origin request may carry an Origin too."""
-    if origin is None or pattern.fullmatch(origin) is not None:
-        return False
-    return urlsplit(origin).netloc != host
+# The fetch metadata (Sec-Fetch-Mode, Sec-Fetch-Dest) of EventSource and fetch(); an <img>
+# sends no-cors/image, an <iframe> navigate/iframe, a link or the address bar
+# navigate/document.
+_FETCH_MODES = frozenset({"cors", "same-origin"})
+_FETCH_DEST = "empty"
+
+
+def _forged(
+    header: Callable[[str], str | None], host: str | None, pattern: re.Pattern[str], what: str
+) -> ApiError | None:
+    """Why a request that the browser sends with the user's cookie is refused, if it is:
+    CORS only keeps another site from reading the answer, so a route that knows its user by
+    cookie refuses what another site can make a browser send, or any site could open that
+    user's stream or acknowledge their messages (cross-site request forgery). `header`
+    gives a request header by its lowercase name; `what` the route's act, for the message.
+
+    Refused: an Origin that is neither let in by `pattern` nor the sidecar's own (`host`);
+    with fetch metadata (every current browser), a request that is not what EventSource
+    or fetch() sends, or one from another site without an Origin. A request without fetch
+    metadata (an older browser, a client that is no browser) is judged by its Origin
+    alone: a browser that sends no Origin on an <img> or <iframe> request and no fetch
+    metadata either is not told apart from a same-site request."""
+    origin = header("origin")
+    own = origin is not None and urlsplit(origin).netloc == host
+    if origin is not None and pattern.fullmatch(origin) is None and not own:
+        return ApiError(403, "origin_not_allowed", f"this origin may not {what}")
+    site, mode, dest = header("sec-fetch-site"), header("sec-fetch-mode"), header("sec-fetch-dest")
+    if site is None and mode is None:
+        return None
+    if mode not in _FETCH_MODES or dest not in (None, _FETCH_DEST):
+        return ApiError(
+            403,
+            "fetch_not_allowed",
+            f"only EventSource or fetch() may {what} (Sec-Fetch-Mode cors, Sec-Fetch-Dest empty)",
+        )
+    if site not in (None, "same-origin") and origin is None:
+        return ApiError(403, "origin_not_allowed", f"a request from another site may not {what}")
+    return None
 
 
 def _header(scope: HTTPScope, name: bytes) -> str | None:
@@ -333,7 +365,8 @@ def _quart_app(
     policies: dict[str, identity.Policy],
     credentials: Callable[[str], bool],
 ) -> QuartTrio:
-    app = QuartTrio("sidecar.public")
+    # No static folder: Quart's default would serve `<cwd>/static/` at `/static/`.
+    app = QuartTrio("sidecar.public", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_ack_bytes
     install_error_handlers(app)
     install_health_routes(app, store, details=False)
@@ -374,13 +407,13 @@ def _ack_view(
     policy: identity.Policy,
     same_site: re.Pattern[str] | None,
 ) -> Any:
-    """The ack route; with `same_site`, it refuses cross-site requests (`_cross_site`)."""
+    """The ack route; with `same_site`, it refuses cross-site requests (`_forged`)."""
 
     async def ack() -> Response:
-        if same_site is not None and _cross_site(
-            request.headers.get("Origin"), request.host, same_site
-        ):
-            raise ApiError(403, "origin_not_allowed", "this origin may not acknowledge here")
+        if same_site is not None:
+            forged = _forged(request.headers.get, request.host, same_site, "acknowledge here")
+            if forged is not None:
+                raise forged
         try:
             view = _request_view(request.scope, _query(request.scope))
             user_id = identity.resolve(policy, view).user_id

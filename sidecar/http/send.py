@@ -39,10 +39,17 @@ from sidecar.http.common import (
     store_unavailable_body,
 )
 from sidecar.hub import Hub
-from sidecar.identity import MAX_USER_ID_LENGTH, has_control_characters
+from sidecar.identity import user_id_problem
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol import tock
-from sidecar.protocol.message import Message, idempotent_id, is_idempotency_key, new_id
+from sidecar.protocol.message import (
+    Message,
+    NotStorable,
+    check_storable,
+    idempotent_id,
+    is_idempotency_key,
+    new_id,
+)
 from sidecar.protocol.sse import dumps
 from sidecar.store.base import Store, StoreUnavailable
 
@@ -88,14 +95,15 @@ def parse_item(item: Any, settings: Settings, where: str = "", key: str | None =
         raise ApiError(400, "invalid_field", f"{where}connectorId must be a string")
     if not isinstance(recipient_id, str) or not recipient_id:
         raise ApiError(400, "invalid_field", f"{where}recipientId must be a non-empty string")
-    if len(recipient_id) > MAX_USER_ID_LENGTH:
-        raise ApiError(
-            400, "invalid_field", f"{where}recipientId is longer than {MAX_USER_ID_LENGTH}"
-        )
-    if has_control_characters(recipient_id):
-        raise ApiError(400, "invalid_field", f"{where}recipientId has control characters")
+    problem = user_id_problem(recipient_id)
+    if problem is not None:
+        raise ApiError(400, "invalid_field", f"{where}recipientId {problem}")
     if not isinstance(response, dict):
         raise ApiError(400, "invalid_field", f"{where}response must be a JSON object")
+    try:
+        check_storable(response)
+    except NotStorable as exc:
+        raise ApiError(400, "invalid_field", f"{where}response {exc}") from None
     if settings.tock_responses:
         try:
             tock.check(response)
@@ -109,7 +117,6 @@ def parse_item(item: Any, settings: Settings, where: str = "", key: str | None =
         raise ApiError(404, "unknown_connector", f"{where}no connector {connector_id!r}")
     try:
         size = len(dumps(response).encode())
-        recipient_id.encode()
     except UnicodeEncodeError:
         # json.loads accepts lone surrogates ("\ud800"); no browser or store can take them.
         raise ApiError(400, "invalid_field", f"{where}text is not valid Unicode") from None
@@ -225,7 +232,8 @@ async def json_body(limit: int) -> Any:
 
 
 def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
-    app = QuartTrio("sidecar.send")
+    # No static folder: Quart's default would serve `<cwd>/static/` at `/static/`.
+    app = QuartTrio("sidecar.send", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_payload_bytes, settings.max_batch_bytes)
     install_error_handlers(app)
     install_health_routes(app, store, details=True)

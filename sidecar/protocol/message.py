@@ -14,11 +14,19 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import Any
 
 _ID_RE = re.compile(r"[0-9a-f]{24}")
+
+# MongoDB stores documents nested at most 100 levels deep, the document itself being the
+# first ("each object or array adds a level"); a message's response is a field of its
+# document, so it may nest one level less.
+MAX_DOCUMENT_DEPTH = 100
+MAX_RESPONSE_DEPTH = MAX_DOCUMENT_DEPTH - 1
+# The integers BSON holds (int64); JSON text holds any, but MongoDB could not store them.
+_INT64 = range(-(2**63), 2**63)
 
 
 class State(IntEnum):
@@ -47,6 +55,39 @@ class Message:
     def key(self) -> tuple[str, str]:
         """Who the message is for: (connector id, recipient id)."""
         return (self.connector_id, self.recipient_id)
+
+
+class NotStorable(ValueError):
+    """A response some store cannot keep as it is; the message names the rule."""
+
+
+def check_storable(response: dict[str, Any]) -> None:
+    """Raise NotStorable unless every store keeps `response` as it is and gives it back:
+    nested at most MAX_RESPONSE_DEPTH levels (objects and arrays, `response` the first),
+    its integers within 64 bits, no key with a NUL character (a BSON key ends at NUL).
+    The same rule for every store, so a send is accepted or refused whichever holds it.
+
+    Iterative, so a response nested beyond Python's recursion limit is refused as any
+    other; keys starting with `$` or holding `.` are kept (MongoDB 5.0 and later stores
+    them in an inserted document, and the driver sends them as they are)."""
+    pending: list[tuple[dict[str, Any] | list[Any], int]] = [(response, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_RESPONSE_DEPTH:
+            raise NotStorable(
+                f"nests objects and arrays more than {MAX_RESPONSE_DEPTH} levels deep"
+            )
+        if isinstance(value, dict):
+            if any("\0" in key for key in value):
+                raise NotStorable("has a key with a NUL character")
+            children: Iterable[Any] = value.values()
+        else:
+            children = value
+        for child in children:
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1))
+            elif isinstance(child, int) and child not in _INT64:
+                raise NotStorable("holds an integer beyond 64 bits")
 
 
 def is_message_id(value: object) -> bool:

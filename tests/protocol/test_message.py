@@ -1,4 +1,5 @@
-"""Message ids: strictly increasing ObjectIds, parsing and the time part."""
+"""Message ids: strictly increasing ObjectIds, parsing and the time part; what a response
+must be for every store to keep it."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import datetime
 import itertools
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from sidecar.protocol.message import (
+    MAX_RESPONSE_DEPTH,
     IdGenerator,
     Message,
+    NotStorable,
     State,
+    check_storable,
     is_message_id,
     new_id,
     normalize_id,
@@ -157,3 +162,47 @@ def test_message_defaults() -> None:
     assert message.state == State.ENQUEUED
     assert message.key == ("web", "user")
     assert message.enqueued_at.tzinfo is not None
+
+
+def nested(depth: int, innermost: Any = 1, *, arrays: bool = False) -> dict[str, Any]:
+    """A response of `depth` levels: objects (or arrays inside the outer object), the
+    response itself the first. Built without recursion."""
+    value = innermost
+    for _ in range(depth - 1):
+        value = [value] if arrays else {"a": value}
+    return {"a": value}
+
+
+STORABLE = [
+    ("flat", {"text": "hi", "n": 1.5, "ok": True, "none": None}),
+    ("deepest objects", nested(MAX_RESPONSE_DEPTH)),
+    ("deepest arrays", nested(MAX_RESPONSE_DEPTH, arrays=True)),
+    ("empty innermost", nested(MAX_RESPONSE_DEPTH - 1, {})),
+    ("int64 bounds", {"max": 2**63 - 1, "min": -(2**63), "list": [2**63 - 1]}),
+    ("dollar and dot keys", {"$set": {"a.b": 1, "$ref": "x"}, "x.y": [{"$id": 2}]}),
+]
+NOT_STORABLE = [
+    ("objects too deep", nested(MAX_RESPONSE_DEPTH + 1), "more than 99 levels deep"),
+    ("arrays too deep", nested(MAX_RESPONSE_DEPTH + 1, arrays=True), "more than 99 levels"),
+    ("empty innermost too deep", nested(MAX_RESPONSE_DEPTH, {}), "more than 99 levels"),
+    ("past the recursion limit", nested(100_000), "more than 99 levels"),
+    ("int over int64", {"n": 2**63}, "integer beyond 64 bits"),
+    ("int under int64", {"a": [-(2**63) - 1]}, "integer beyond 64 bits"),
+    ("NUL key", {"a": {"x\0y": 1}}, "key with a NUL"),
+    ("top-level NUL key", {"\0": 1}, "key with a NUL"),
+]
+
+
+@pytest.mark.parametrize("response", [row[1] for row in STORABLE], ids=[r[0] for r in STORABLE])
+def test_storable(response: dict[str, Any]) -> None:
+    check_storable(response)
+
+
+@pytest.mark.parametrize(
+    ("response", "words"),
+    [row[1:] for row in NOT_STORABLE],
+    ids=[row[0] for row in NOT_STORABLE],
+)
+def test_not_storable(response: dict[str, Any], words: str) -> None:
+    with pytest.raises(NotStorable, match=words):
+        check_storable(response)
