@@ -55,7 +55,7 @@ def _add_token_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 def _mint_token(args: argparse.Namespace) -> int:
     """`sidecar token`: a token for --user on --connector, signed with the first key."""
-    from sidecar.identity import MAX_USER_ID_LENGTH
+    from sidecar.identity import user_id_problem
     from sidecar.protocol import token
 
     raw = args.signing_keys
@@ -70,12 +70,12 @@ def _mint_token(args: argparse.Namespace) -> int:
     if not keys:
         print(f"sidecar: invalid configuration: {source}: no signing key", file=sys.stderr)
         return 2
-    if not 0 < len(args.user) <= MAX_USER_ID_LENGTH or args.ttl_seconds < 1:
-        print(
-            f"sidecar: --user must be 1 to {MAX_USER_ID_LENGTH} characters and "
-            "--ttl-seconds positive",
-            file=sys.stderr,
-        )
+    problem = user_id_problem(args.user)
+    if problem is not None:
+        print(f"sidecar: --user {problem}: no stream would take the token", file=sys.stderr)
+        return 2
+    if args.ttl_seconds < 1:
+        print("sidecar: --ttl-seconds must be positive", file=sys.stderr)
         return 2
     expires = int(time.time()) + args.ttl_seconds
     print(token.mint(keys[0], args.user, args.connector, expires))

@@ -605,6 +605,8 @@ async def test_sidecar_token_command_output_verifies(
         ["--signing-keys", "k1:short"],
         ["--signing-keys", f"k1:{SECRET_1}", "--ttl-seconds", "0"],
         ["--signing-keys", f"k1:{SECRET_1}", "--user", ""],
+        ["--signing-keys", f"k1:{SECRET_1}", "--user", "ali\nce"],
+        ["--signing-keys", f"k1:{SECRET_1}", "--user", "a" * 513],
     ],
 )
 def test_sidecar_token_command_errors(
