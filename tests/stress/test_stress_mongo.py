@@ -19,7 +19,7 @@ from pathlib import Path
 import pymongo
 import pytest
 
-from sidecar.config import Settings
+from sidecar.config import MAX_STREAM_BUFFER, Settings
 from sidecar.store.mongo import MongoStore
 from tests.sidecar_harness import running_sidecar, settings_for
 from tests.stress.harness import SCALE, scaled
@@ -48,7 +48,7 @@ async def _stress(tmp_path: Path, uri: str, database: str, sizes: Sizes) -> None
     settings = settings_for(
         tmp_path,
         **store_env,
-        SIDECAR_STREAM_BUFFER="1000000",
+        SIDECAR_STREAM_BUFFER=str(MAX_STREAM_BUFFER),
         SIDECAR_KEEPALIVE_SECONDS="5",
         SIDECAR_LOG_LEVEL="WARNING",
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config import MAX_STREAM_BUFFER
 from sidecar.store.sqlite import SqliteStore
 from tests.sidecar_harness import running_sidecar, settings_for
 from tests.stress.harness import SCALE, scaled
@@ -35,7 +36,7 @@ async def test_streams_across_users_get_every_message_once(tmp_path: Path) -> No
         tmp_path,
         # No stream may be cut off as a slow consumer here: a cut tab reconnecting would
         # acknowledge for its user's roaming tab (see tests/stress/scenario.py).
-        SIDECAR_STREAM_BUFFER="1000000",
+        SIDECAR_STREAM_BUFFER=str(MAX_STREAM_BUFFER),
         SIDECAR_KEEPALIVE_SECONDS="5",
         SIDECAR_LOG_LEVEL="WARNING",
     )
