@@ -816,6 +816,52 @@ async def test_a_sidecar_on_mongodb_keeps_to_the_sizing_rule(mongodb_server: str
             client.drop_database(database)
 
 
+# --- docs -----------------------------------------------------------------------------------
+
+
+def tock_doc_check_commands() -> list[str]:
+    text = (ROOT / "docs" / "tock.md").read_text()
+    step = text[text.index("### 5. Check it") :]
+    (block,) = re.findall(r"```sh\n(.*?)```", step[: step.index("\n## ")], re.S)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+async def test_tock_doc_readiness_check_shows_the_store(tmp_path: Path) -> None:
+    """docs/tock.md step 5 asks the send listener's /readyz, where it listens: in the pod
+    (kubectl exec, the image's Python) and on a host (the default bind)."""
+    commands = tock_doc_check_commands()
+    (kubectl,) = [c for c in commands if c.startswith("kubectl exec")]
+    words = shlex.split(kubectl)
+    target, container = words[2], words[words.index("-c") + 1]
+    assert target == f"deploy/{k8s_one('Deployment')['metadata']['name']}"
+    assert container == sidecar_container()["name"]
+    command = words[words.index("--") + 1 :]
+    assert command[:2] == ["python", "-c"]
+    send_bind = Settings.load(container_env(sidecar_container())).send_bind
+    code = command[2]
+    assert f"'{send_bind.host}', {send_bind.port}" in code
+    async with running_sidecar(settings_for(tmp_path)) as sidecar:
+        port = urlsplit(sidecar.send_url).port
+        code = code.replace(f", {send_bind.port},", f", {port},")
+        result = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 0, result.stderr
+    status, _, body = result.stdout.decode().partition(" ")
+    assert status == "200"
+    assert json.loads(body)["store"]["kind"] == "sqlite"
+    (curl,) = [c for c in commands if c.startswith("curl -s http://127.0.0.1")]
+    assert curl.endswith(f"http://{Settings.load({}).send_bind}/readyz")
+
+
+def test_readme_says_what_the_js_tests_need() -> None:
+    section = readme_section("## Test it")
+    js_test = (ROOT / "tests" / "test_js_client.py").read_text()
+    (version,) = re.findall(r"Node\.js (\d+\+)", js_test)
+    assert f"**Node.js {version}**" in section
+    assert "tests/js/" in section
+
+
 def test_readme_lists_every_setting() -> None:
     section = readme_section("## Settings")
     for option in OPTIONS:
