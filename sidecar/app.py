@@ -1,7 +1,8 @@
-"""One sidecar instance: the store, the hub, the feed from the store, and two listeners.
+"""One sidecar instance: the store, the hub, the feed from the store, and two listeners (a
+third, serving only `/metrics`, with `SIDECAR_METRICS_BIND`).
 
 `run` owns everything in one nursery and signals readiness with `task_status.started`,
-handing back a `Running` with the bound addresses. Setting `shutdown` drains: both
+handing back a `Running` with the bound addresses. Setting `shutdown` drains: the
 listeners stop accepting, open streams end so browsers reconnect elsewhere, in-flight
 requests get `settings.shutdown_seconds` to finish, then the rest is cancelled.
 """
@@ -18,11 +19,12 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from sidecar.config import OPTIONS, Bind, Settings
+from sidecar.config import OPTIONS, Settings
 from sidecar.http.disconnect import notify_disconnects
 from sidecar.http.observe import RequestIds
 from sidecar.http.public import PublicApp
 from sidecar.http.recycle import shield_connection_recycling
+from sidecar.http.scrape import build_metrics_app
 from sidecar.http.send import SendApp
 from sidecar.http.writes import write_head_with_body
 from sidecar.hub import CloseReason, Hub
@@ -43,15 +45,18 @@ class Running:
     hub: Hub
     store: Store
     settings: Settings
+    metrics_url: str | None = None  # with SIDECAR_METRICS_BIND
 
 
-def _listener_config(bind: Bind, settings: Settings, *, send: bool) -> Config:
-    """hypercorn's config for one listener, with the settings' limits."""
+def _listener_config(name: str, settings: Settings) -> Config:
+    """hypercorn's config for the listener of setting `name` (`public_bind`, `send_bind`,
+    `metrics_bind`), with the settings' limits."""
+    bind = getattr(settings, name)
     # Half-open and never-reading clients are cut off by the kernel after the write
     # timeout: hypercorn's writes cannot be cancelled from here (sidecar/net.py).
     config = ListenerConfig()
     config.write_timeout = settings.write_timeout_seconds
-    option = next(o for o in OPTIONS if o.name == ("send_bind" if send else "public_bind"))
+    option = next(o for o in OPTIONS if o.name == name)
     config.setting = f"{option.env} ({option.flag})"
     contain_connection_errors()  # one connection's failure must not stop the listener
     shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
@@ -69,8 +74,8 @@ def _listener_config(bind: Bind, settings: Settings, *, send: bool) -> Config:
     # buffers of an incomplete request (it answers 431 itself past that).
     config.h11_max_incomplete_size = settings.max_header_bytes
     config.h2_max_header_list_size = settings.max_header_bytes
-    if send:
-        # Only on the send listener: an SSE client sends nothing after its request, so a
+    if name != "public_bind":
+        # Not on the public listener: an SSE client sends nothing after its request, so a
         # read timeout would cut every stream; the public listener keeps hypercorn's idle
         # default for connections between requests.
         config.keep_alive_timeout = settings.send_idle_seconds
@@ -156,30 +161,35 @@ async def run(
             PublicApp(settings, hub, store, core.marker, draining), settings.max_header_bytes
         )
         send_app = RequestIds(SendApp(settings, hub, store), settings.max_header_bytes)
+        listeners = [("public_bind", public_app), ("send_bind", send_app)]
+        if settings.metrics_bind is not None:
+            metrics_app = RequestIds(build_metrics_app(core.metrics), settings.max_header_bytes)
+            listeners.append(("metrics_bind", metrics_app))
         async with trio.open_nursery() as servers:
             urls = []
-            for app, bind, is_send in (
-                (public_app, settings.public_bind, False),
-                (send_app, settings.send_bind, True),
-            ):
-                config = _listener_config(bind, settings, send=is_send)
+            for name, app in listeners:
+                config = _listener_config(name, settings)
                 (url,) = await servers.start(
                     partial(serve, app, config, shutdown_trigger=stop_listening.wait, mode="asgi")
                 )
                 urls.append(url)
-            public_url, send_url = urls
+            public_url, send_url, *more = urls
+            metrics_url = more[0] if more else None
             log.info(
-                "sidecar listening: public %s send %s store %s",
+                "sidecar listening: public %s send %s%s store %s",
                 public_url,
                 send_url,
+                f" metrics {metrics_url}" if metrics_url else "",
                 settings.store.split("@")[-1],
             )
             # `Running.store` is the store itself (tests reach into it), not the counted one.
-            task_status.started(Running(public_url, send_url, hub, core.raw_store, settings))
+            task_status.started(
+                Running(public_url, send_url, hub, core.raw_store, settings, metrics_url)
+            )
             await shutdown.wait()
             log.info("draining: closing %d streams", hub.stream_count())
             draining.set()
             stop_listening.set()
             hub.close_all(CloseReason.SHUTDOWN)
-        # Both servers have returned: every request is finished or was cut at the deadline.
+        # Every server has returned: every request is finished or was cut at the deadline.
     log.info("stopped")

@@ -63,6 +63,10 @@ def _bind(value: str) -> Bind:
     return Bind(host, int(digits))
 
 
+def _optional_bind(value: str) -> Bind | None:
+    return _bind(value) if value.strip() else None
+
+
 def _connectors(value: str) -> tuple[Connector, ...]:
     connectors = []
     for item in value.split(","):
@@ -365,6 +369,9 @@ OPTIONS: tuple[Option, ...] = (
            "send listener: a connection that sends nothing for this long is closed"),
     Option("log_format", "SIDECAR_LOG_FORMAT", "json", _log_format,
            "json (one object per line) or text"),
+    Option("metrics_bind", "SIDECAR_METRICS_BIND", "", _optional_bind,
+           "listener serving only GET /metrics, HOST:PORT (empty: none; /metrics stays on"
+           " the send listener either way)"),
 )  # fmt: skip
 
 
@@ -407,6 +414,7 @@ class Settings:
     send_idle_seconds: float
     send_read_seconds: float
     log_format: str
+    metrics_bind: Bind | None
 
     @classmethod
     def load(

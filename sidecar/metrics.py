@@ -1,4 +1,5 @@
-"""Prometheus metrics of one instance, exposed at `/metrics` on the send listener.
+"""Prometheus metrics of one instance, exposed at `/metrics` on the send listener and on the
+metrics listener (`SIDECAR_METRICS_BIND`, sidecar/http/scrape.py).
 
 Built on prometheus_client rather than a hand-written exposition: it gets the text format
 0.0.4 right (label escaping, cumulative histogram buckets with `+Inf`, `_sum`/`_count`,

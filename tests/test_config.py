@@ -146,6 +146,7 @@ def test_flag_beats_env_for_unaliased_settings(name: str) -> None:
         "identity_header": ("X-Forwarded-User", "X-Auth-User"),
         "trusted_proxies": ("127.0.0.1", "10.0.0.0/8, ::1"),
         "demo": ("true", "false"),
+        "metrics_bind": ("1.2.3.4:1", "5.6.7.8:2"),
     }
     flag_value, env_value = samples[name]
     option = OPTION[name]
@@ -299,6 +300,7 @@ BAD_VALUES = [
     ("demo", ["maybe", "2"]),
     ("response_schema", ["json", "TOCKS", "none"]),
     ("send_token", [" tok", "tok ", "s\u00e9cret", "a\tb", "a b\n"]),
+    ("metrics_bind", ["8082", "localhost", ":8082", "host:65536", "[::1]", "host:abc"]),
 ]  # fmt: skip
 
 BAD = [(name, value) for name, values in BAD_VALUES for value in values]

@@ -1,6 +1,9 @@
 """deploy/: the files parse, agree with the sidecar's real settings and with each other, the
 compose file passes `docker-compose config`, nginx.conf passes `nginx -t` and carries a real
-stream, and the Dockerfile's health check and the demo bot work against a real sidecar.
+stream, the Dockerfile's health check and the demo bot work against a real sidecar, memory
+and descriptor limits hold the stream limit by README's sizing rule (which a real sidecar
+keeps to), and docs/tock.md's readiness check works. (Prometheus and Grafana files:
+tests/test_dashboards.py.)
 
 No container engine here, so the image is never built and nothing is run in a container.
 nginx and docker-compose come from Debian's packages (.ci/run installs them); without them
@@ -10,6 +13,7 @@ these tests skip, except in CI (CI=true), where they fail.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -30,7 +34,7 @@ import yaml
 
 from sidecar.config import OPTIONS, Settings
 from sidecar.protocol.message import State
-from tests.sidecar_harness import running_sidecar, settings_for
+from tests.sidecar_harness import running_sidecar, settings_for, spawn_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -39,6 +43,8 @@ SETTING_ENVS = {option.env for option in OPTIONS}
 TOCK_ALIASES = {alias for option in OPTIONS for alias in option.aliases}
 # What a Secret would hold, for loading a container's settings.
 SECRET_PLACEHOLDER = "mongodb://mongo-0.mongo,mongo-1.mongo/?replicaSet=rs0"
+# Kubernetes manifests `kubectl apply -k` leaves out: they need a CRD a cluster may not have.
+NEEDS_CRD = {"servicemonitor.yaml"}
 
 
 def require_tool(name: str) -> str:
@@ -104,8 +110,8 @@ def resolve_port(container: dict[str, Any], port: int | str) -> int:
 
 
 def test_every_deploy_yaml_parses() -> None:
-    files = [*DEPLOY.glob("*.yaml"), *K8S.glob("*.yaml")]
-    assert len(files) >= 6
+    files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]
+    assert len(files) >= 11
     for path in files:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert documents, path
@@ -113,7 +119,10 @@ def test_every_deploy_yaml_parses() -> None:
             assert isinstance(document, dict), path
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"} - NEEDS_CRD
+    for name in NEEDS_CRD:
+        for document in yaml.safe_load_all((K8S / name).read_text()):
+            assert not document["apiVersion"].startswith(("v1", "apps/", "policy/", "networking"))
 
 
 def test_every_sidecar_variable_named_anywhere_is_a_real_setting() -> None:
@@ -134,9 +143,13 @@ def test_k8s_sidecar_settings_ports_and_probes() -> None:
         assert name in SETTING_ENVS or name in TOCK_ALIASES, f"{name} is no sidecar setting"
     settings = Settings.load(env)
     assert settings.store.startswith("mongodb://")
-    # Browsers reach the public listener; the send API is for the pod only.
-    assert {p["containerPort"] for p in container["ports"]} == {settings.public_bind.port}
+    # Browsers reach the public listener, Prometheus the metrics one; the send API is for
+    # the pod only.
+    assert settings.metrics_bind is not None
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"sse": settings.public_bind.port, "metrics": settings.metrics_bind.port}
     assert settings.public_bind.host == "0.0.0.0"
+    assert settings.metrics_bind.host == "0.0.0.0"
     assert settings.send_bind.host == "127.0.0.1"
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
     assert readiness["httpGet"]["path"] == "/readyz"
@@ -173,7 +186,10 @@ def test_k8s_bot_container_is_tock_with_sse_on_the_same_store() -> None:
     # Two listeners on one port of the pod's shared network cannot be.
     settings = Settings.load(container_env(sidecar_container()))
     bot_ports = {p["containerPort"] for p in bot["ports"]}
-    assert not bot_ports & {settings.public_bind.port, settings.send_bind.port}
+    assert settings.metrics_bind is not None
+    sidecar_ports = [settings.public_bind.port, settings.send_bind.port, settings.metrics_bind.port]
+    assert len(set(sidecar_ports)) == 3
+    assert not bot_ports & set(sidecar_ports)
 
 
 def test_k8s_pdb_service_and_ingress_select_the_pods() -> None:
@@ -213,6 +229,37 @@ def test_k8s_pdb_service_and_ingress_select_the_pods() -> None:
         assert routed[connector.stream_path] == "sse-sidecar"
     assert routed["/sidecar-sse.js"] == "sse-sidecar"
     assert routed["/"] == "bot"
+    # The metrics port is in the Service (for the ServiceMonitor) but no Ingress routes to it.
+    assert service_ports["metrics"]["targetPort"] == "metrics"
+    for ingress in (sse_ingress, k8s_one("Ingress", "tock-bot")):
+        for rule in ingress["spec"]["rules"]:
+            assert all(
+                p["backend"]["service"]["port"]["name"] != "metrics" for p in rule["http"]["paths"]
+            )
+
+
+def test_k8s_prometheus_scrapes_the_metrics_listener() -> None:
+    container = sidecar_container()
+    settings = Settings.load(container_env(container))
+    assert settings.metrics_bind is not None
+    port = settings.metrics_bind.port
+    assert resolve_port(container, "metrics") == port
+    # A Prometheus discovering pods by annotation...
+    annotations = k8s_one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # ...or the Prometheus Operator, through the Service's metrics port.
+    monitor = k8s_one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = k8s_one("Service")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    (service_port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert resolve_port(container, service_port["targetPort"]) == port
 
 
 async def test_probe_paths_answer_on_the_public_listener(tmp_path: Path) -> None:
@@ -297,11 +344,16 @@ def test_dockerfile_settings_and_ports() -> None:
     settings = Settings.load(sidecar_env)
     assert settings.store == "sqlite:////data/sidecar.db"
     (expose,) = [rest for keyword, rest in final_stage() if keyword == "EXPOSE"]
+    assert settings.metrics_bind is not None
     assert {int(p) for p in expose.split()} == {
         settings.public_bind.port,
         settings.send_bind.port,
+        settings.metrics_bind.port,
     }
     assert settings.send_bind.host == "127.0.0.1"
+    # Prometheus reaches the metrics listener from outside the container.
+    assert settings.metrics_bind.host == "0.0.0.0"
+    assert Settings.load(sidecar_env | {"SIDECAR_METRICS_BIND": ""}).metrics_bind is None
     assert "/healthz" in " ".join(dockerfile_healthcheck())
 
 
@@ -610,3 +662,207 @@ async def test_a_stream_through_nginx(tmp_path: Path) -> None:
         stored = await sidecar.running.store.get(message_id)
         assert stored is not None
         assert stored.state == State.DELIVERED
+
+
+# --- Sizing -----------------------------------------------------------------------------------
+
+
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"\n{title}\n")
+    level = title.split()[0]
+    end = re.search(rf"\n#{{1,{len(level)}}} ", readme[start + len(title) + 2 :])
+    assert end is not None
+    return readme[start : start + len(title) + 2 + end.start()]
+
+
+def sizing_rule() -> tuple[float, float, int]:
+    """README's sizing rule: (base MiB, KiB per stream, descriptors beyond the streams)."""
+    section = readme_section("### Sizing")
+    memory = re.search(r"`(\d+) MiB \+ SIDECAR_MAX_STREAMS x (\d+) KiB`", section)
+    descriptors = re.search(r"`SIDECAR_MAX_STREAMS \+ (\d+)`", section)
+    assert memory is not None
+    assert descriptors is not None
+    return float(memory[1]), float(memory[2]), int(descriptors[1])
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (`512Mi`, `1Gi`) or a Compose one (`512m`, `1g`)."""
+    match = re.fullmatch(r"(\d+)(Mi|Gi|m|g)", quantity)
+    assert match is not None, quantity
+    return int(match[1]) * {"Mi": 1, "Gi": 1024, "m": 1, "g": 1024}[match[2]]
+
+
+def needed_mebibytes(max_streams: int) -> float:
+    base, per_stream, _ = sizing_rule()
+    return base + max_streams * per_stream / 1024
+
+
+def test_k8s_memory_limit_holds_the_stream_limit() -> None:
+    container = sidecar_container()
+    settings = Settings.load(container_env(container))
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert needed_mebibytes(settings.max_streams) <= limit
+    # Said in the manifest, not left to the default, next to the arithmetic.
+    assert "SIDECAR_MAX_STREAMS" in container_env(container)
+    assert mebibytes(container["resources"]["requests"]["memory"]) <= limit
+    base, per_stream, _ = sizing_rule()
+    comment = (K8S / "deployment.yaml").read_text()
+    arithmetic = (
+        f"{base:.0f} + {settings.max_streams} x {per_stream:.0f} / 1024 = "
+        f"{math.ceil(needed_mebibytes(settings.max_streams))} MiB"
+    )
+    assert arithmetic in comment
+    assert f"{limit:.0f} MiB limit" in comment
+
+
+def test_compose_limits_hold_the_stream_limit() -> None:
+    _, _, reserve = sizing_rule()
+    for service in compose_sidecars().values():
+        settings = compose_sidecar_settings(service)
+        assert needed_mebibytes(settings.max_streams) <= mebibytes(service["mem_limit"])
+        nofile = service["ulimits"]["nofile"]
+        assert isinstance(nofile, int)  # soft and hard alike
+        assert settings.max_streams + reserve <= nofile
+
+
+def bench_idle_rows() -> list[tuple[int, float, float, int]]:
+    """bench/RESULTS.md's idle streams held by the sidecar: (streams, RSS MiB, KB per stream,
+    server fds)."""
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    section = text[text.index("## 1. Idle streams held") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = re.findall(
+        r"^\| sidecar \| (\d+)[^|]* \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \| (\d+) \|", section, re.M
+    )
+    return [(int(n), float(rss), float(kb), int(fds)) for n, rss, kb, fds in rows]
+
+
+def test_the_sizing_rule_covers_the_benchmark() -> None:
+    base, per_stream, reserve = sizing_rule()
+    rows = bench_idle_rows()
+    assert len(rows) >= 3
+    for streams, rss, kb_per_stream, fds in rows:
+        assert kb_per_stream <= per_stream
+        assert rss <= base + streams * kb_per_stream / 1024
+        assert rss <= needed_mebibytes(streams)
+        assert streams <= fds <= streams + reserve
+
+
+def process_rss_mebibytes(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    (kib,) = re.findall(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(kib) / 1024
+
+
+def process_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+SIZING_STREAMS = 400
+OPENING_AT_ONCE = 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.time_limit(90)
+async def test_a_sidecar_on_mongodb_keeps_to_the_sizing_rule(mongodb_server: str) -> None:
+    """A sidecar process on MongoDB (as in deploy/), holding idle streams: memory within
+    README's rule, one descriptor per stream."""
+    import pymongo
+
+    base, per_stream, _ = sizing_rule()
+    database = f"t_sizing_{os.getpid()}"
+    env = {"SIDECAR_STORE": mongodb_server, "SIDECAR_MONGO_DB": database}
+    streams: list[trio.SocketStream] = []
+    try:
+        async with spawn_sidecar(env) as sidecar:
+            pid = sidecar.process.pid
+            host, port = urlsplit(sidecar.public).hostname, urlsplit(sidecar.public).port
+            assert host is not None
+            assert port is not None
+
+            async def open_stream(user: int) -> None:
+                stream = await trio.open_tcp_stream(host, port)
+                streams.append(stream)
+                request = f"GET /io/app/web/sse?userId=u{user} HTTP/1.1\r\nHost: x\r\n\r\n"
+                await stream.send_all(request.encode())
+                received = b""
+                while b"event: ping" not in received:
+                    chunk = await stream.receive_some()
+                    assert chunk, received
+                    received += chunk
+
+            await open_stream(0)  # the first stream warms the code paths up
+            rss, fds = process_rss_mebibytes(pid), process_fds(pid)
+            assert rss <= base
+            async with trio.open_nursery() as nursery:
+                limit = trio.CapacityLimiter(OPENING_AT_ONCE)
+
+                async def limited(user: int) -> None:
+                    async with limit:
+                        await open_stream(user)
+
+                for user in range(1, SIZING_STREAMS + 1):
+                    nursery.start_soon(limited, user)
+            grown = process_rss_mebibytes(pid) - rss
+            assert grown <= SIZING_STREAMS * per_stream / 1024, f"{grown:.1f} MiB"
+            # One socket per stream, and maybe a store connection per stream being opened.
+            opened = process_fds(pid) - fds
+            assert SIZING_STREAMS <= opened <= SIZING_STREAMS + OPENING_AT_ONCE
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        with pymongo.MongoClient(mongodb_server, serverSelectionTimeoutMS=5000) as client:
+            client.drop_database(database)
+
+
+# --- docs -----------------------------------------------------------------------------------
+
+
+def tock_doc_check_commands() -> list[str]:
+    text = (ROOT / "docs" / "tock.md").read_text()
+    step = text[text.index("### 5. Check it") :]
+    (block,) = re.findall(r"```sh\n(.*?)```", step[: step.index("\n## ")], re.S)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+async def test_tock_doc_readiness_check_shows_the_store(tmp_path: Path) -> None:
+    """docs/tock.md step 5 asks the send listener's /readyz, where it listens: in the pod
+    (kubectl exec, the image's Python) and on a host (the default bind)."""
+    commands = tock_doc_check_commands()
+    (kubectl,) = [c for c in commands if c.startswith("kubectl exec")]
+    words = shlex.split(kubectl)
+    target, container = words[2], words[words.index("-c") + 1]
+    assert target == f"deploy/{k8s_one('Deployment')['metadata']['name']}"
+    assert container == sidecar_container()["name"]
+    command = words[words.index("--") + 1 :]
+    assert command[:2] == ["python", "-c"]
+    send_bind = Settings.load(container_env(sidecar_container())).send_bind
+    code = command[2]
+    assert f"'{send_bind.host}', {send_bind.port}" in code
+    async with running_sidecar(settings_for(tmp_path)) as sidecar:
+        port = urlsplit(sidecar.send_url).port
+        code = code.replace(f", {send_bind.port},", f", {port},")
+        result = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 0, result.stderr
+    status, _, body = result.stdout.decode().partition(" ")
+    assert status == "200"
+    assert json.loads(body)["store"]["kind"] == "sqlite"
+    (curl,) = [c for c in commands if c.startswith("curl -s http://127.0.0.1")]
+    assert curl.endswith(f"http://{Settings.load({}).send_bind}/readyz")
+
+
+def test_readme_says_what_the_js_tests_need() -> None:
+    section = readme_section("## Test it")
+    js_test = (ROOT / "tests" / "test_js_client.py").read_text()
+    (version,) = re.findall(r"Node\.js (\d+\+)", js_test)
+    assert f"**Node.js {version}**" in section
+    assert "tests/js/" in section
+
+
+def test_readme_lists_every_setting() -> None:
+    section = readme_section("## Settings")
+    for option in OPTIONS:
+        assert f"| `{option.env}` | `{option.flag}` |" in section, option.env

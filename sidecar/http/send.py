@@ -38,9 +38,9 @@ from sidecar.http.common import (
     parse_json,
     store_unavailable_body,
 )
+from sidecar.http.scrape import install_metrics_route
 from sidecar.hub import Hub
 from sidecar.identity import user_id_problem
-from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.protocol import tock
 from sidecar.protocol.message import (
     Message,
@@ -269,9 +269,7 @@ def build_send_app(settings: Settings, hub: Hub, store: Store) -> QuartTrio:
         items = parse_batch(await json_body(settings.max_batch_bytes), settings, key)
         return json_response({"results": await store_messages(store, hub, items)}, 202)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(hub.metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
+    install_metrics_route(app, hub.metrics)
 
     @app.get("/openapi.json")
     async def openapi_document() -> Response:
