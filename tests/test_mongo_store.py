@@ -228,6 +228,33 @@ async def test_documents_that_are_not_messages_are_not_logged_and_pages_fill_pas
             assert await store.get(str(doc["_id"])) is None
 
 
+async def test_adoption_logs_in_the_order_the_writers_stored(
+    mongo_uri: str, db_name: str, raw: RawClient
+) -> None:
+    """Two writers' ids within one second compare by their random bytes: adoption, which
+    has no oplog to go by, orders by `enqueuedAt` (then the id), not by id alone."""
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    fields = {"appId": "web", "recipientId": "carol", "status": 0}
+    ids = ["65f0000000000000000000ff", "65f000000000000000000001", "65f000000000000000000002"]
+    docs = [
+        {"_id": ids[0], **fields, "enqueuedAt": now, "webConnectorResponse": {"n": 0}},
+        {"_id": ids[1], **fields, "enqueuedAt": now + datetime.timedelta(milliseconds=5)},
+        # Tock 23.9 writes no enqueuedAt: the id's time stands for it.
+        {"_id": ObjectId(ids[2]), **fields},
+    ]
+    docs[1]["webConnectorResponse"] = {"n": 1}
+    docs[2]["webConnectorResponse"] = {"n": 2}
+    ordered = [ids[2], ids[0], ids[1]]  # the ObjectId's time (2024) is before `now`
+    coll = raw[db_name][COLLECTION]
+    await trio.to_thread.run_sync(coll.insert_many, docs)
+    async with opened(mongo_uri, db_name) as store:
+        await adopted(store)
+        head = await store.head("web", "carol")
+        assert head is not None
+        page = await store.logged("web", "carol", Position(head.epoch, 0), through=3, limit=9)
+        assert [(m.id, m.seq) for m in page] == [(i, n) for n, i in enumerate(ordered, 1)]
+
+
 async def test_saved_document_is_shaped_as_tock_26_writes_it(
     mongo_uri: str, db_name: str, raw: RawClient
 ) -> None:

@@ -920,17 +920,19 @@ class MongoStore:
         return placed
 
     def _adopt(self, adoption: _Adoption) -> int:
-        """Log the stored messages no feed has logged (in the feed thread), oldest id
-        first: every one on a first start, else those stored since `adoption.since` (by
-        `enqueuedAt`, with a margin; all of Tock 23.9's, which have none). Returns how
-        many it logged."""
+        """Log the stored messages no feed has logged (in the feed thread), in the order
+        their writers stored them as best the documents tell (`enqueuedAt`, then the id):
+        every one on a first start, else those stored since `adoption.since` (by
+        `enqueuedAt`, with a margin; all of Tock 23.9's, which have none). Only their ids
+        are kept while looking, and they are read again by id to be claimed, a page at a
+        time. Returns how many it logged."""
         query: Document = {"appId": {"$in": self._connector_ids}}
         if adoption.since is not None:
             since = datetime.datetime.fromtimestamp(
                 max(adoption.since.time - ADOPTION_MARGIN, 0), datetime.UTC
             )
             query["$or"] = [{"enqueuedAt": {"$gte": since}}, {"enqueuedAt": {"$exists": False}}]
-        adopted = 0
+        unlogged: list[tuple[datetime.datetime, str]] = []
         after: str | None = None
         while True:
             trio.from_thread.check_cancelled()
@@ -939,14 +941,26 @@ class MongoStore:
             for doc in docs:
                 message = None if documents.message_id(doc["_id"]) in logged else _message(doc, {})
                 if message is not None:
-                    self._claim(message)
-                    adopted += 1
+                    unlogged.append((message.enqueued_at, message.id))
             if not more:
                 break
             after = str(docs[-1]["_id"])
-        if adopted:
-            log.warning("feed: adopted %d stored messages no feed had logged", adopted)
-        return adopted
+        unlogged.sort()
+        for start in range(0, len(unlogged), ADOPTION_PAGE):
+            trio.from_thread.check_cancelled()
+            ids = [message_id for _, message_id in unlogged[start : start + ADOPTION_PAGE]]
+            found = {
+                documents.message_id(d["_id"]): d
+                for d in self._collection.find(_by_ids(documents.id_values(ids)))
+            }
+            for message_id in ids:
+                stored = found.get(message_id)  # gone meanwhile: expired or evicted
+                message = None if stored is None else _message(stored, {})
+                if message is not None:
+                    self._claim(message)
+        if unlogged:
+            log.warning("feed: adopted %d stored messages no feed had logged", len(unlogged))
+        return len(unlogged)
 
     def _lost(self, last: Timestamp, send: trio.MemorySendChannel[FeedItem]) -> Timestamp:
         """The history since `last` is lost: the new start point (now), with what was stored

@@ -123,8 +123,11 @@ class Ledger:
             first_shown = {}
             for i, message_id in enumerate(shown):
                 first_shown.setdefault(message_id, i)
-            places = [first_shown[m] for m in sent if m in first_shown]
-            order += sum(1 for a, b in itertools.pairwise(places) if a > b)
+            placed = [(turn, first_shown[m]) for turn, m in enumerate(sent) if m in first_shown]
+            for (turn, a), (_, b) in itertools.pairwise(placed):
+                if a > b:
+                    order += 1
+                    self.counts[f"order violations of {user}, turn {turn}"] += 1
         return {
             "accepted": sum(len(ids) for ids in self.accepted.values()),
             "tabs": len(self.user_of),
