@@ -2,7 +2,7 @@
 
 The stream route is plain ASGI: it hands `serve_stream` a sink that writes body chunks and
 runs it until the client goes: under hypercorn a callback says so (sidecar/http/
-disconnect.py), elsewhere a task next to it in one nursery per connection waits for
+hypercorn_patches.py), elsewhere a task next to it in one nursery per connection waits for
 `http.disconnect`. Everything else is a quart-trio app.
 """
 
@@ -35,7 +35,7 @@ from sidecar.http.common import (
     preflight_headers,
 )
 from sidecar.http.demo import install_demo_routes
-from sidecar.http.disconnect import disconnect_callbacks
+from sidecar.http.hypercorn_patches import disconnect_callbacks
 from sidecar.http.observe import SendWithId
 from sidecar.hub import Hub
 from sidecar.protocol.delivery import SEEN_NOTHING
@@ -194,7 +194,7 @@ class PublicApp:
                 }
             )
             callbacks = disconnect_callbacks(scope)
-            # hypercorn tells us when the client goes (sidecar/http/disconnect.py): no task
+            # hypercorn tells us when the client goes (http/hypercorn_patches.py): no task
             # has to wait for `http.disconnect`, and the stream's own scope is the one to
             # cancel.
             client = _ClientWatch() if callbacks is not None else None
