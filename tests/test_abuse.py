@@ -575,3 +575,41 @@ async def test_clients_that_never_read_are_cut_off_and_closed(
     # sc.client's pooled connection to the send listener is not part of the baseline.
     await sc.client.aclose()
     await back_to_baseline(baseline, seconds=15)
+
+
+@pytest.mark.time_limit(60)
+async def test_a_stream_the_hub_cut_off_frees_its_slot_while_its_writes_are_stuck(
+    tmp_path: Path,
+) -> None:
+    """With SIDECAR_MAX_STREAMS=1, a never-reading stream is cut off as slow while its write
+    waits on a zero window (until the write timeout, 30 s): a new stream gets the slot at
+    once, not a 503 until then."""
+    settings = settings_for(
+        tmp_path, SIDECAR_MAX_STREAMS="1", SIDECAR_STREAM_BUFFER="4", SIDECAR_KEEPALIVE_SECONDS="1"
+    )
+    async with running_sidecar(settings) as sc:
+        hub = sc.running.hub
+        deaf = await open_raw_stream(sc, "deaf", rcvbuf=4096)
+        try:
+            inode = server_side_inode(sc, deaf)
+            big = "x" * 60_000
+            batch = [
+                {"connectorId": "web", "recipientId": "deaf", "response": {"n": n, "text": big}}
+                for n in range(16)
+            ]
+            # More than the socket buffers hold (a few MB on loopback): the write blocks, the
+            # buffer fills, the hub cuts the stream off.
+            for _ in range(12):
+                reply = await sc.client.post(f"{sc.send_url}/v1/send/batch", json=batch)
+                assert reply.status_code == 202, reply.text
+                if hub.stats.cut_off:
+                    break
+            await wait_until(lambda: hub.stats.cut_off == 1, 10, "the deaf stream cut off")
+            assert hub.stream_count() == 0
+            async with sc.stream("next") as client:
+                message_id = await sc.send("next")
+                assert (await client.next_message()).id == message_id
+            # The cut-off stream's connection is still there, its write still stuck.
+            assert inode in socket_inodes()
+        finally:
+            deaf.close()
