@@ -20,16 +20,14 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from sidecar.config import OPTIONS, Settings
-from sidecar.http.disconnect import notify_disconnects
+from sidecar.http import hypercorn_patches
 from sidecar.http.observe import RequestIds
 from sidecar.http.public import PublicApp
-from sidecar.http.recycle import shield_connection_recycling
 from sidecar.http.scrape import build_metrics_app
 from sidecar.http.send import SendApp
-from sidecar.http.writes import write_head_with_body
 from sidecar.hub import CloseReason, Hub
 from sidecar.metrics import InstrumentedStore, Metrics
-from sidecar.net import ListenerConfig, contain_connection_errors
+from sidecar.net import ListenerConfig
 from sidecar.store import FeedItem, HistoryLost, Store, open_store
 from sidecar.stream import SentMarker
 
@@ -58,10 +56,6 @@ def _listener_config(name: str, settings: Settings) -> Config:
     config.write_timeout = settings.write_timeout_seconds
     option = next(o for o in OPTIONS if o.name == name)
     config.setting = f"{option.env} ({option.flag})"
-    contain_connection_errors()  # one connection's failure must not stop the listener
-    shield_connection_recycling()  # or the idle timeout never fires (sidecar/http/recycle.py)
-    write_head_with_body()  # one socket write per small response (sidecar/http/writes.py)
-    notify_disconnects()  # no task per stream waiting for its client to go (http/disconnect.py)
     config.bind = [str(bind)]
     config.graceful_timeout = settings.shutdown_seconds
     config.accesslog = None
@@ -73,14 +67,14 @@ def _listener_config(name: str, settings: Settings) -> Config:
     # Request line plus headers: RequestIds answers 431 past it; this bounds what hypercorn
     # buffers of an incomplete request (it answers 431 itself past that).
     config.h11_max_incomplete_size = settings.max_header_bytes
-    config.h2_max_header_list_size = settings.max_header_bytes
     if name != "public_bind":
-        # Not on the public listener: an SSE client sends nothing after its request, so a
-        # read timeout would cut every stream; the public listener keeps hypercorn's idle
-        # default for connections between requests.
+        # Not on the public listener: it keeps hypercorn's idle default for connections
+        # between requests, and its only request body (an ack) is bounded by Quart's body
+        # timeout.
         config.keep_alive_timeout = settings.send_idle_seconds
-        # Annotated int by hypercorn, used as trio.fail_after seconds: a float works.
-        config.read_timeout = settings.send_read_seconds  # type: ignore[assignment]
+        # The whole body, not each read (sidecar/http/hypercorn_patches.py): a body trickled
+        # a byte at a time would never end.
+        config.body_timeout = settings.send_read_seconds
     return config
 
 
@@ -153,6 +147,8 @@ async def run(
     *,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # Once, before anything opens: a hypercorn these patches no longer fit stops start-up.
+    hypercorn_patches.install()
     async with open_core(settings) as core:
         hub, store = core.hub, core.store
         draining = trio.Event()

@@ -366,7 +366,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("send_idle_seconds", "SIDECAR_SEND_IDLE_SECONDS", "30", _positive_float,
            "send listener: an idle keep-alive connection is closed after this long"),
     Option("send_read_seconds", "SIDECAR_SEND_READ_SECONDS", "60", _positive_float,
-           "send listener: a connection that sends nothing for this long is closed"),
+           "send listener: a request whose body is not whole this long after its head is closed"),
     Option("log_format", "SIDECAR_LOG_FORMAT", "json", _log_format,
            "json (one object per line) or text"),
     Option("metrics_bind", "SIDECAR_METRICS_BIND", "", _optional_bind,

@@ -20,27 +20,18 @@ both when asked:
 Linux copies these options from a listening socket to every connection it accepts, so they
 are set once, on the sockets hypercorn creates from `Config.bind`.
 
-`contain_connection_errors` fixes two things the raw-socket abuse tests (tests/test_abuse.py)
-found in hypercorn 0.18's trio connection handler: one bad request could stop the
-listener, and a connection outlived its client by the keep-alive timeout. (The keep-alive
-timer itself, which never restarted under quart-trio, is fixed in sidecar/http/recycle.py.)
+`ListenerConfig.body_timeout` bounds the other side, how long a request body may take to
+arrive; sidecar/http/hypercorn_patches.py applies it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import socket
 
-import hypercorn.trio.run
-import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.events import Closed, RawData
-from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 from sidecar.config import StartupError
-
-log = logging.getLogger("sidecar.http")
 
 MAX_USER_TIMEOUT_MS = 2**31 - 1
 MAX_KEEPALIVE_SECONDS = 32767  # the kernel's limit for TCP_KEEPIDLE and TCP_KEEPINTVL
@@ -67,9 +58,11 @@ def bound_unacknowledged(sock: socket.socket, timeout: float) -> None:
 
 class ListenerConfig(Config):
     """hypercorn's Config whose listening sockets bound unacknowledged data to
-    `write_timeout` seconds (see `bound_unacknowledged`)."""
+    `write_timeout` seconds (see `bound_unacknowledged`), and whose request bodies must
+    arrive within `body_timeout` seconds (None: no bound)."""
 
     write_timeout: float = 30.0
+    body_timeout: float | None = None
     setting: str = "bind"  # named when the address cannot be listened on
 
     def create_sockets(self) -> Sockets:
@@ -82,46 +75,3 @@ class ListenerConfig(Config):
         for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
             bound_unacknowledged(sock, self.write_timeout)
         return sockets
-
-
-class _ContainedTCPServer(TCPServer):
-    """hypercorn's connection handler, with its failures kept to its own connection.
-
-    hypercorn runs every connection in the listener's nursery, so an exception escaping one
-    connection takes the whole listener (and the sidecar) down. Malformed requests can
-    cause one: an invalid chunked body on a request the application answers at once makes
-    hypercorn's error response race the application's close of the connection, and
-    `send_eof` raises `trio.BusyResourceError` (see also pgjones/hypercorn#203). Here the
-    connection is logged and dropped (trio closes its socket); cancellation still
-    propagates."""
-
-    async def run(self) -> None:
-        try:
-            await super().run()
-        except* Exception as group:
-            log.warning("connection dropped after an HTTP server error: %r", group.exceptions[0])
-
-    async def _read_data(self) -> None:
-        if self.config.read_timeout:
-            await super()._read_data()
-        else:
-            # hypercorn's loop without its `fail_after(inf)`: no cancel scope per read, which
-            # an idle SSE connection would hold (about 1 KB) for as long as it is open.
-            while True:
-                try:
-                    data = await self.stream.receive_some(MAX_RECV)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    break
-                await self.protocol.handle(RawData(bytes(data)))
-                if data == b"":
-                    break
-            await self.protocol.handle(Closed())
-        # The client closed (or reading failed): nothing more can come. hypercorn would keep
-        # the connection, its socket and tasks, until its keep-alive timer ran out (5 s),
-        # so a client that connects and closes in a loop would pile up file descriptors.
-        await self.idle_task.stop()
-
-
-def contain_connection_errors() -> None:
-    """Make hypercorn's trio worker use `_ContainedTCPServer` for every connection."""
-    hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[attr-defined]

@@ -29,13 +29,16 @@ def host_port(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def connect(sc: Sidecar, *, rcvbuf: int | None = None) -> trio.socket.SocketType:
+async def connect(
+    sc: Sidecar, *, rcvbuf: int | None = None, url: str | None = None
+) -> trio.socket.SocketType:
+    """A connection to `url` (the public listener when None)."""
     sock = trio.socket.socket()
     if rcvbuf is not None:
         # Before connect, so the advertised window is small from the start.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     try:
-        await sock.connect(host_port(sc.public))
+        await sock.connect(host_port(url or sc.public))
     except BaseException:
         sock.close()
         raise

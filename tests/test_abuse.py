@@ -12,11 +12,15 @@ free pages kept after a burst).
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.settings
 import pytest
 import trio
 
@@ -156,6 +160,8 @@ async def test_malformed_requests_get_4xx_or_a_close(abused: tuple[Sidecar, Usag
     statuses = {payload: status_of(answer) for payload, answer in answers.items()}
     # 501 is what RFC 9112 asks for a transfer coding the server does not know.
     assert statuses.pop(ACK + b"Transfer-Encoding: gzip\r\n\r\n") == 501
+    # 505 (HTTP Version Not Supported): the HTTP/2 preface (sidecar/http/hypercorn_patches.py).
+    assert [statuses.pop(p) for p in MALFORMED if p.startswith(b"PRI * HTTP/2.0")] == [505, 505]
     assert not [p for p, s in statuses.items() if s is not None and s >= 500], statuses
     assert statuses[b"GARBAGE\r\n\r\n"] == 400
     assert statuses[MALFORMED[5]] == 400  # no Host
@@ -168,7 +174,8 @@ async def test_invalid_chunked_body_on_an_early_answer_does_not_stop_the_listene
 ) -> None:
     """The ack view answers 415 before reading the body while hypercorn finds the chunked
     body invalid: its 400 races the close of the connection, and without
-    `sidecar.net._ContainedTCPServer` the BusyResourceError stopped the whole listener."""
+    `sidecar.http.hypercorn_patches._TCPServer` the BusyResourceError stopped the whole
+    listener."""
     sc, baseline = abused
     payload = ACK + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
     limiter = trio.CapacityLimiter(50)
@@ -195,7 +202,7 @@ async def test_invalid_chunked_body_on_an_early_answer_does_not_stop_the_listene
 @pytest.mark.time_limit(60)
 async def test_idle_keep_alive_connections_are_closed(abused: tuple[Sidecar, Usage]) -> None:
     """After a response, a connection that sends nothing more is closed after hypercorn's
-    keep-alive timeout (5 s; under quart-trio only with sidecar/http/recycle.py): holding
+    keep-alive timeout (5 s; under quart-trio only with http/hypercorn_patches.py): holding
     many of them open costs the holder, not the sidecar."""
     sc, baseline = abused
     closed_after: list[float] = []
@@ -226,6 +233,100 @@ async def test_idle_keep_alive_connections_are_closed(abused: tuple[Sidecar, Usa
     assert min(closed_after) > 4, closed_after
     assert max(closed_after) < 8, closed_after
     await back_to_baseline(baseline)
+
+
+# --- HTTP/2 and request smuggling ----------------------------------------------------------
+
+
+def h2_attempt(path: str = "/io/app/web/sse") -> bytes:
+    """What an HTTP/2 client with prior knowledge sends first: the preface, SETTINGS with
+    a zero initial window (with which hypercorn's HTTP/2 never finished an answer) and a
+    GET of `path` (the stream route without a user: a 400 answered in plain ASGI)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", "t"), (":path", path)]
+    client.send_headers(1, headers, end_stream=True)
+    return client.data_to_send()
+
+
+async def test_http2_prior_knowledge_is_refused_and_the_connection_closed(
+    sidecar: Sidecar,
+) -> None:
+    for url in (sidecar.public, sidecar.send_url):
+        with await connect(sidecar, url=url) as sock:
+            await sock.send(h2_attempt())
+            with trio.fail_after(5):
+                answer = await read_until_closed(sock)
+        assert status_of(answer) == 505, (url, answer)
+        assert b"connection: close" in answer.lower()
+
+
+async def test_h2c_upgrade_is_answered_in_http_1_1(sidecar: Sidecar) -> None:
+    upgrade = (
+        b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    )
+    for url in (sidecar.public, sidecar.send_url):
+        with await connect(sidecar, url=url) as sock:
+            await sock.send(b"GET /healthz HTTP/1.1\r\n" + HOST + upgrade + b"\r\n")
+            received = b""
+            with trio.fail_after(5):
+                while b"ok" not in received.partition(b"\r\n\r\n")[2]:
+                    chunk = await sock.recv(4096)
+                    assert chunk, received
+                    received += chunk
+        assert received.startswith(b"HTTP/1.1 200 "), (url, received)
+        assert received.endswith(b'{"status":"ok"}'), (url, received)
+
+
+@pytest.mark.time_limit(90)
+async def test_refused_http2_attempts_leave_nothing_behind(abused: tuple[Sidecar, Usage]) -> None:
+    """hypercorn's HTTP/2 kept every connection of these (its fd, task and buffers) after
+    the client went; refused, they end at once."""
+    sc, baseline = abused
+    attempt = h2_attempt()
+    limiter = trio.CapacityLimiter(100)
+    answers: list[bytes] = []
+
+    async def one(url: str) -> None:
+        async with limiter:
+            with await connect(sc, url=url) as sock:
+                await sock.send(attempt)
+                with trio.move_on_after(2):  # hypercorn's HTTP/2 answered, then waited
+                    answers.append(await read_until_closed(sock))
+
+    async def abuse() -> None:
+        async with trio.open_nursery() as nursery:
+            for n in range(1000):
+                nursery.start_soon(one, (sc.public, sc.send_url)[n % 2])
+
+    await while_serving(sc, abuse)
+    # sc.client's pooled connection to the send listener is not part of the baseline.
+    await sc.client.aclose()
+    await back_to_baseline(baseline)
+    assert [status_of(answer) for answer in answers] == [505] * 1000
+
+
+async def test_content_length_with_transfer_encoding_is_answered_then_closed(
+    sidecar: Sidecar,
+) -> None:
+    """RFC 9112 6.3: the two headers disagree on where the body ends, so the connection
+    closes after the answer, and what follows the body is never run as a request."""
+    smuggled = b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
+    framing = b"Transfer-Encoding: chunked\r\nContent-Length: 7\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    json_type = b"Content-Type: application/json\r\n"
+    for url, head in (
+        (sidecar.public, ACK + json_type),
+        (sidecar.send_url, b"POST /v1/send HTTP/1.1\r\n" + HOST + json_type),
+    ):
+        with await connect(sidecar, url=url) as sock:
+            await sock.send(head + framing + smuggled)
+            with trio.fail_after(5):
+                answer = await read_until_closed(sock)
+        assert answer.count(b"HTTP/1.1 ") == 1, (url, answer)
+        assert status_of(answer) == 400, (url, answer)
+        assert b"connection: close" in answer.lower(), (url, answer)
 
 
 # --- truncated requests ---------------------------------------------------------------------
@@ -341,6 +442,44 @@ async def test_slowloris_trickle_is_closed_by_the_server(abused: tuple[Sidecar, 
     await back_to_baseline(baseline)
 
 
+@pytest.mark.time_limit(30)
+async def test_a_body_trickled_to_the_send_listener_is_cut_off_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """SIDECAR_SEND_READ_SECONDS bounds the whole body, not each read: a byte every 0.2 s
+    (well within any read timeout) of a 100-byte body does not hold the connection for the
+    20 s it would take."""
+    settings = settings_for(tmp_path, SIDECAR_SEND_READ_SECONDS="1")
+    async with running_sidecar(settings) as sc:
+        body = json.dumps({"connectorId": "web", "recipientId": "slow", "response": {}})
+        body = body[:-1] + " " * (100 - len(body)) + "}"
+        with await connect(sc, url=sc.send_url) as sock:
+            await sock.send(
+                b"POST /v1/send HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n"
+            )
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+
+                async def trickle() -> None:
+                    for byte in body.encode():
+                        try:
+                            await sock.send(bytes([byte]))
+                        except OSError:
+                            return
+                        await trio.sleep(0.2)
+
+                nursery.start_soon(trickle)
+                with trio.fail_after(5):
+                    answer = await read_until_closed(sock)
+                nursery.cancel_scope.cancel()
+            took = trio.current_time() - start
+        assert answer == b""
+        assert 0.9 <= took < 3, took
+        assert await sc.running.store.head("web", "slow") is None  # nothing half-read stored
+        assert (await sc.client.get(f"{sc.send_url}/healthz")).status_code == 200
+
+
 # --- connect/disconnect churn ---------------------------------------------------------------
 
 CHURN = 10_000
@@ -436,3 +575,41 @@ async def test_clients_that_never_read_are_cut_off_and_closed(
     # sc.client's pooled connection to the send listener is not part of the baseline.
     await sc.client.aclose()
     await back_to_baseline(baseline, seconds=15)
+
+
+@pytest.mark.time_limit(60)
+async def test_a_stream_the_hub_cut_off_frees_its_slot_while_its_writes_are_stuck(
+    tmp_path: Path,
+) -> None:
+    """With SIDECAR_MAX_STREAMS=1, a never-reading stream is cut off as slow while its write
+    waits on a zero window (until the write timeout, 30 s): a new stream gets the slot at
+    once, not a 503 until then."""
+    settings = settings_for(
+        tmp_path, SIDECAR_MAX_STREAMS="1", SIDECAR_STREAM_BUFFER="4", SIDECAR_KEEPALIVE_SECONDS="1"
+    )
+    async with running_sidecar(settings) as sc:
+        hub = sc.running.hub
+        deaf = await open_raw_stream(sc, "deaf", rcvbuf=4096)
+        try:
+            inode = server_side_inode(sc, deaf)
+            big = "x" * 60_000
+            batch = [
+                {"connectorId": "web", "recipientId": "deaf", "response": {"n": n, "text": big}}
+                for n in range(16)
+            ]
+            # More than the socket buffers hold (a few MB on loopback): the write blocks, the
+            # buffer fills, the hub cuts the stream off.
+            for _ in range(12):
+                reply = await sc.client.post(f"{sc.send_url}/v1/send/batch", json=batch)
+                assert reply.status_code == 202, reply.text
+                if hub.stats.cut_off:
+                    break
+            await wait_until(lambda: hub.stats.cut_off == 1, 10, "the deaf stream cut off")
+            assert hub.stream_count() == 0
+            async with sc.stream("next") as client:
+                message_id = await sc.send("next")
+                assert (await client.next_message()).id == message_id
+            # The cut-off stream's connection is still there, its write still stuck.
+            assert inode in socket_inodes()
+        finally:
+            deaf.close()

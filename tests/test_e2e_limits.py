@@ -234,7 +234,7 @@ async def test_an_answer_sent_before_the_request_body_does_not_wedge_the_connect
 ) -> None:
     """An error answered before the body is read: the connection then serves the next
     request, or is closed (the client retries on a new one), instead of leaving the next
-    request waiting forever (sidecar/http/recycle.py)."""
+    request waiting forever (sidecar/http/hypercorn_patches.py)."""
     for base, path in ((sidecar.public, "/io/app/web/sse/ack"), (sidecar.send_url, "/nowhere")):
         stream = await trio.open_tcp_stream(*_host_port(base))
         async with stream:

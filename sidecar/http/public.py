@@ -2,7 +2,7 @@
 
 The stream route is plain ASGI: it hands `serve_stream` a sink that writes body chunks and
 runs it until the client goes: under hypercorn a callback says so (sidecar/http/
-disconnect.py), elsewhere a task next to it in one nursery per connection waits for
+hypercorn_patches.py), elsewhere a task next to it in one nursery per connection waits for
 `http.disconnect`. Everything else is a quart-trio app.
 """
 
@@ -35,7 +35,7 @@ from sidecar.http.common import (
     preflight_headers,
 )
 from sidecar.http.demo import install_demo_routes
-from sidecar.http.disconnect import disconnect_callbacks
+from sidecar.http.hypercorn_patches import disconnect_callbacks
 from sidecar.http.observe import SendWithId
 from sidecar.hub import Hub
 from sidecar.protocol.delivery import SEEN_NOTHING
@@ -70,7 +70,7 @@ class PublicApp:
         self._store = store
         self._marker = marker
         self._draining = draining
-        self._open_streams = 0
+        self._starting = 0  # streams let in whose head is being sent (see `_stream`)
         self._streams = {c.stream_path: c for c in settings.connectors}
         self._options = StreamOptions(
             keepalive=settings.keepalive_seconds,
@@ -173,7 +173,7 @@ class PublicApp:
         if self._draining.is_set():
             self._hub.metrics.streams_rejected.labels("draining").inc()
             return await self._error(scope, send, 503, "draining", "this instance is shutting down")
-        if self._open_streams >= self._settings.max_streams:
+        if self._starting + self._hub.stream_count() >= self._settings.max_streams:
             self._hub.metrics.streams_rejected.labels("instance_limit").inc()
             return await self._error(
                 scope,
@@ -186,8 +186,11 @@ class PublicApp:
         # This frame lives as long as the stream (the stream is served inline, not from
         # another coroutine, for the same reason): drop what it no longer needs.
         del query, resolved, raw_last
-        # Counted from here, not when the hub registers it: no request slips in between.
-        self._open_streams += 1
+        # Counted from here until the hub counts it (no request slips in between). A stream
+        # the hub closes (replaced, cut off as slow) leaves the hub's count at once, while
+        # its last writes may still wait, up to the write timeout, on a client that reads
+        # nothing: the slot is free for another stream meanwhile.
+        self._starting += 1
         try:
             await send(
                 {
@@ -196,38 +199,40 @@ class PublicApp:
                     "headers": SSE_HEADERS + set_cookie + self._cors(scope),
                 }
             )
-            callbacks = disconnect_callbacks(scope)
-            # hypercorn tells us when the client goes (sidecar/http/disconnect.py): no task
-            # has to wait for `http.disconnect`, and the stream's own scope is the one to
-            # cancel.
-            client = _ClientWatch() if callbacks is not None else None
-            stream = serve_stream(
-                # The head is sent: the body can skip RequestIds' wrapper (observe.py).
-                _AsgiSink(send.inner if isinstance(send, SendWithId) else send),
-                hub=self._hub,
-                store=self._store,
-                marker=self._marker,
-                key=(connector.id, user_id),
-                last_event_id=last_event_id,
-                browser_client=browser_client,
-                options=self._options,
-                cancel_scope=client.scope if client is not None else None,
-            )
-            if callbacks is not None and client is not None:
-                callbacks.append(client.gone)
-                try:
-                    await stream
-                finally:
-                    callbacks.remove(client.gone)
-                client_gone = client.left
-            else:
-                client_gone = await _run_watching_disconnect(stream, receive)
-            if not client_gone:
-                # The hub closed the stream (slow consumer, shutdown): end the response
-                # cleanly so the browser reconnects.
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self._open_streams -= 1
+            # No checkpoint from here until the stream has subscribed to the hub (the first
+            # thing `serve_stream` does).
+            self._starting -= 1
+        callbacks = disconnect_callbacks(scope)
+        # hypercorn tells us when the client goes (http/hypercorn_patches.py): no task
+        # has to wait for `http.disconnect`, and the stream's own scope is the one to
+        # cancel.
+        client = _ClientWatch() if callbacks is not None else None
+        stream = serve_stream(
+            # The head is sent: the body can skip RequestIds' wrapper (observe.py).
+            _AsgiSink(send.inner if isinstance(send, SendWithId) else send),
+            hub=self._hub,
+            store=self._store,
+            marker=self._marker,
+            key=(connector.id, user_id),
+            last_event_id=last_event_id,
+            browser_client=browser_client,
+            options=self._options,
+            cancel_scope=client.scope if client is not None else None,
+        )
+        if callbacks is not None and client is not None:
+            callbacks.append(client.gone)
+            try:
+                await stream
+            finally:
+                callbacks.remove(client.gone)
+            client_gone = client.left
+        else:
+            client_gone = await _run_watching_disconnect(stream, receive)
+        if not client_gone:
+            # The hub closed the stream (slow consumer, shutdown): end the response
+            # cleanly so the browser reconnects.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _ClientWatch:
