@@ -280,6 +280,36 @@ async def test_h2c_upgrade_is_answered_in_http_1_1(sidecar: Sidecar) -> None:
         assert received.endswith(b'{"status":"ok"}'), (url, received)
 
 
+@pytest.mark.time_limit(60)
+async def test_a_stream_whose_reading_is_paused_ends_when_its_client_goes(
+    abused: tuple[Sidecar, Usage],
+) -> None:
+    """h11 stops reading a connection while a response is under way when the client has
+    offered a protocol switch (`Upgrade: h2c`, answered in HTTP/1.1) or pipelined another
+    request behind the stream, so the end of the connection is never read: it is known
+    only from the stream's failed write. hypercorn handled that failure in the stream's own
+    task, which the disconnect cancels, so the connection's reader waited forever, with its
+    socket and task (sidecar/http/hypercorn_patches.py, `_TCPServer.protocol_send`)."""
+    sc, baseline = abused
+    upgrade = b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: !!\r\n"
+    requests = [
+        stream_request("paused")[:-2] + upgrade + b"\r\n",
+        stream_request("paused") + b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n",
+    ]
+    for request in requests * 5:
+        with await connect(sc) as sock:
+            await sock.send(request)
+            received = b""
+            with trio.fail_after(10):
+                while b"event: ping" not in received:
+                    chunk = await sock.recv(4096)
+                    assert chunk, received
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 200"), received
+            reset_on_close(sock)
+    await back_to_baseline(baseline)
+
+
 @pytest.mark.time_limit(90)
 async def test_refused_http2_attempts_leave_nothing_behind(abused: tuple[Sidecar, Usage]) -> None:
     """hypercorn's HTTP/2 kept every connection of these (its fd, task and buffers) after

@@ -47,6 +47,11 @@ HOOKS = [
     (hypercorn.protocol.h11, "HTTPStream", "hypercorn.protocol.h11.HTTPStream"),
     (hypercorn.trio.tcp_server.TCPServer, "_read_data", "hypercorn.trio.run.TCPServer._read_data"),
     (
+        hypercorn.trio.tcp_server.TCPServer,
+        "protocol_send",
+        "hypercorn.trio.run.TCPServer.protocol_send",
+    ),
+    (
         hypercorn.protocol.h11.H11Protocol,
         "_check_protocol",
         "hypercorn.protocol.H11Protocol._check_protocol",

@@ -20,6 +20,13 @@ that silently no longer applies.
 - A connection ends when its client closes. hypercorn would keep the connection, its
   socket and tasks, until its keep-alive timer ran out (5 s), so a client that connects
   and closes in a loop would pile up file descriptors.
+- A connection ends when a write finds its client gone, also while nothing reads it.
+  h11 stops reading while a response is under way when the client has offered a protocol
+  switch (`Upgrade`) or pipelined another request, so the end of such a connection is
+  only known from a failed write. hypercorn handled that failure in the writing task
+  (an SSE stream's), which the close it reports cancels half way, so the reader waited
+  for the response to finish forever, keeping the socket and its task. Here the failed
+  write cancels the reader, which then closes the connection as after reading its end.
 - Reads hold no cancel scope, which an idle SSE connection would hold (about 1 KB) for as
   long as it is open, except while a request body is arriving on a listener with a body
   deadline (`ListenerConfig.body_timeout`, the send listener's `SIDECAR_SEND_READ_SECONDS`):
@@ -96,6 +103,7 @@ import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, RawData
+from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol.events import Event, Request, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -191,31 +199,49 @@ class _H11Protocol(H11Protocol):
 
 
 class _TCPServer(TCPServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading = trio.CancelScope()  # `_read_data`'s, cancelled when a write fails
+
     async def run(self) -> None:
         try:
             await super().run()
         except* Exception as group:
             log.warning("connection dropped after an HTTP server error: %r", group.exceptions[0])
 
+    async def protocol_send(self, event: ConnectionEvent) -> None:
+        if type(event) is not RawData:
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(event.data)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self._reading.cancel()
+
     async def _read_data(self) -> None:
-        while True:
-            deadline = self._body_deadline()
-            try:
-                if deadline == math.inf:
-                    data = await self.stream.receive_some(MAX_RECV)
-                else:
-                    with trio.move_on_at(deadline) as late:
+        with self._reading:
+            while True:
+                deadline = self._body_deadline()
+                try:
+                    if deadline == math.inf:
                         data = await self.stream.receive_some(MAX_RECV)
-                    if late.cancelled_caught:
-                        break
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                break
-            try:
-                await self.protocol.handle(RawData(bytes(data)))
-            except _HTTP2Refused:
-                break
-            if data == b"":
-                break
+                    else:
+                        with trio.move_on_at(deadline) as late:
+                            data = await self.stream.receive_some(MAX_RECV)
+                        if late.cancelled_caught:
+                            break
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                try:
+                    await self.protocol.handle(RawData(bytes(data)))
+                except _HTTP2Refused:
+                    break
+                if data == b"":
+                    break
         await self.protocol.handle(Closed())
         # Nothing more can come: close now rather than when the keep-alive timer runs out.
         await self.idle_task.stop()
@@ -230,7 +256,13 @@ class _TCPServer(TCPServer):
 
 # (module, name, hypercorn's class there, the sidecar's, the methods the sidecar's replaces)
 HOOKS: tuple[tuple[ModuleType, str, type, type, tuple[str, ...]], ...] = (
-    (hypercorn.trio.run, "TCPServer", TCPServer, _TCPServer, ("run", "_read_data")),
+    (
+        hypercorn.trio.run,
+        "TCPServer",
+        TCPServer,
+        _TCPServer,
+        ("run", "protocol_send", "_read_data"),
+    ),
     (
         hypercorn.protocol,
         "H11Protocol",
