@@ -13,7 +13,11 @@ retrying through any instance until it gets a `202`, and sometimes sends a turn 
 
 `Ledger` holds what was accepted, per user in send order, and what each tab showed across
 its reloads; `Ledger.report` counts what the issue asks: messages lost, shown twice on one
-tab, and pairs of sends made one after the other shown in the other order.
+tab, and pairs of sends made one after the other shown in the other order, naming the
+tab and turn of each loss. For a failed run, `Ledger.diagnose` writes what is needed to
+find its cause: each lost message's send (when, through which instance) and the tab's
+history (connects, shows, reloads, drops) with the user's log as the store has it, and
+`Fleet.logs` keeps the log of every instance that ran.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Fleet:
         self._rng = rng
         self.kills = 0
         self.failed_starts = 0
+        self.logs: dict[str, bytes] = {}  # "slot-<index>-start-<n>" -> that process's log
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep every slot running an instance until cancelled; started once all are up."""
@@ -83,10 +88,19 @@ class Fleet:
         async with spawn_sidecar(self._env) as process:
             slot.process, slot.starts = process, slot.starts + 1
             slot.up.set()
-            await slot.kill.wait()
-            slot.process, slot.up, slot.kill = None, trio.Event(), trio.Event()
-            process.process.kill()  # SIGKILL, of the process this harness started
-            await process.process.wait()
+            try:
+                await slot.kill.wait()
+                slot.process, slot.up, slot.kill = None, trio.Event(), trio.Event()
+                process.process.kill()  # SIGKILL, of the process this harness started
+                await process.process.wait()
+            finally:
+                self.logs[f"slot-{slot.index}-start-{slot.starts}"] = bytes(process.log)
+
+    def instance_name(self, process: SidecarProcess) -> str:
+        return next(
+            (f"slot-{s.index}-start-{s.starts}" for s in self.slots if s.process is process),
+            process.public,
+        )
 
     def sigkill(self) -> None:
         """Kill a random running instance; its slot starts another."""
@@ -107,6 +121,35 @@ class Ledger:
     shown: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # tab -> ids
     user_of: dict[str, str] = dataclasses.field(default_factory=dict)  # tab -> user
     counts: Counter[str] = dataclasses.field(default_factory=Counter)
+    # message id -> when it was accepted, through which instance, which turn
+    sends: dict[str, str] = dataclasses.field(default_factory=dict)
+    history: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # tab -> events
+
+    def note(self, tab: str, event: str) -> None:
+        self.history[tab].append(f"{trio.current_time():10.3f} {event}")
+
+    def lost(self) -> list[tuple[str, int, str]]:
+        """(tab, turn, message id) of every accepted message a tab of its user lacks."""
+        return [
+            (tab, turn, message_id)
+            for tab, user in self.user_of.items()
+            for turn, message_id in enumerate(self.accepted.get(user, []))
+            if message_id not in set(self.shown[tab])
+        ]
+
+    def diagnose(self, log_of: dict[str, list[dict[str, Any]]]) -> str:
+        """What is known of each lost message: its send, its user's log (`log_of`: the
+        store's records of each user, in seq order) and its tab's history."""
+        lines = []
+        for tab, turn, message_id in self.lost():
+            user = self.user_of[tab]
+            lines.append(f"== {tab} lacks turn {turn}: {message_id}, {self.sends.get(message_id)}")
+            shown = set(self.shown[tab])
+            for record in log_of.get(user, []):
+                mark = "shown" if record.get("_id") in shown else "NOT SHOWN"
+                lines.append(f"   log {record}: {mark} on {tab}")
+            lines.extend(f"   {event}" for event in self.history[tab])
+        return "\n".join(lines)
 
     def complete(self) -> bool:
         return all(
@@ -116,9 +159,11 @@ class Ledger:
 
     def report(self) -> dict[str, Any]:
         lost = twice = order = 0
+        for tab, turn, _ in self.lost():
+            lost += 1
+            self.counts[f"lost on {tab}, turn {turn}"] += 1
         for tab, user in self.user_of.items():
             shown, sent = self.shown[tab], self.accepted.get(user, [])
-            lost += len(set(sent) - set(shown))
             twice += sum(n - 1 for n in Counter(shown).values() if n > 1)
             first_shown = {}
             for i, message_id in enumerate(shown):
@@ -154,6 +199,7 @@ class Tab:
         self.connected = trio.Event()
         ledger.shown[name] = []
         ledger.user_of[name] = user
+        ledger.history[name] = []
 
     async def run(self, rng: random.Random) -> None:
         self._reload()
@@ -175,9 +221,11 @@ class Tab:
                     self._reload()
                     header = None
                     self._ledger.counts["reloads"] += 1
+                    self._ledger.note(self.name, f"reload, page id {self._page_id}")
                 else:  # EventSource reconnects, with the last id it processed
                     header = self._stored
                     self._ledger.counts["drops"] += 1
+                    self._ledger.note(self.name, f"drop, reconnects with {header}")
 
     def _reload(self) -> None:
         self._page_id, self._seen = self._stored, set()
@@ -188,6 +236,11 @@ class Tab:
         headers = {"Last-Event-ID": header} if header else {}
         with trio.move_on_after(lifetime):  # then the connection drops, bytes in flight lost
             async with self._client.stream("GET", url, headers=headers) as response:
+                self._ledger.note(
+                    self.name,
+                    f"connect to {self._fleet.instance_name(instance)}: page id {page_id},"
+                    f" Last-Event-ID {header}, {response.status_code}",
+                )
                 if response.status_code != 200:
                     self._ledger.counts[f"streams refused {response.status_code}"] += 1
                     await trio.sleep(0.2)
@@ -202,6 +255,7 @@ class Tab:
                             self._show(event.id)
 
     def _show(self, message_id: str) -> None:
+        self._ledger.note(self.name, f"frame {message_id}")
         if message_id in self._seen:  # the client's second line of defence
             self._ledger.counts["repeats dropped by a page"] += 1
         else:
@@ -247,7 +301,9 @@ class Bot:
                     break
                 await trio.sleep(rng.uniform(0.05, 0.3))
             assert len(ids) == 1
-            self._ledger.accepted[self.user].append(ids.pop())
+            message_id = ids.pop()
+            self._ledger.accepted[self.user].append(message_id)
+            self._ledger.sends[message_id] += f", turn {turn}"
             await trio.sleep(rng.uniform(0.05, 0.4))
 
     async def _attempt(
@@ -276,4 +332,9 @@ class Bot:
             counts["sends refused 503"] += 1
             return None
         counts["sends accepted"] += 1
-        return cast(str, reply.json()["id"])
+        message_id = cast(str, reply.json()["id"])
+        self._ledger.sends.setdefault(
+            message_id,
+            f"accepted at {trio.current_time():.3f} by {self._fleet.instance_name(instance)}",
+        )
+        return message_id

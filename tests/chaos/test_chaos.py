@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pymongo
 import pytest
 import trio
 
+from sidecar.store.documents import DELIVERY
 from tests.chaos.harness import SCALE, Bot, Fleet, Ledger, Tab, scaled
 from tests.mongo_harness import MongoJavaServer
 
@@ -92,9 +95,29 @@ async def test_nothing_lost_nothing_twice_in_order_under_faults(tmp_path: Path) 
                     await trio.sleep(0.1)
             ledger.counts["seconds to catch up"] = round(trio.current_time() - quiet, 1)
             nursery.cancel_scope.cancel()
+        lacking = {ledger.user_of[tab] for tab, _, _ in ledger.lost()}
+        log_of = await trio.to_thread.run_sync(lambda: user_logs(server.uri, lacking))
     finally:
         await trio.to_thread.run_sync(server.stop)
     report = ledger.report() | {"sigkills": fleet.kills, "failed starts": fleet.failed_starts}
     print(f"\nchaos: {report}")
+    failed = (report["lost"], report["shown twice"], report["order violations"]) != (0, 0, 0)
+    if failed:
+        where = tmp_path / "diagnosis"
+        where.mkdir()
+        (where / "lost.txt").write_text(ledger.diagnose(log_of))
+        for name, log in fleet.logs.items():
+            (where / f"{name}.log").write_bytes(log)
+        print(f"chaos: what the failed run left is in {where}")
     assert report["accepted"] == len(users) * turns
-    assert (report["lost"], report["shown twice"], report["order violations"]) == (0, 0, 0), report
+    assert not failed, report
+
+
+def user_logs(uri: str, users: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each user's log records as the store has them (`sidecar_delivery`), in seq order."""
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+        records = client["chaos"][DELIVERY]
+        return {
+            user: list(records.find({"recipientId": user}).sort([("epoch", 1), ("seq", 1)]))
+            for user in sorted(users)
+        }
