@@ -23,8 +23,9 @@ stress *ARGS:
 # The fault-injection run of docs/delivery.md at a larger size (CHAOS_SCALE, 4 by default:
 # 20 users, 40 tabs, 160 turns each, an instance SIGKILLed every few seconds; some 150 s).
 # Past 4 a run is longer, not busier (CHAOS_MAX_USERS, 20); 10 takes some 7 minutes here.
+# A failed run's diagnosis (tabs' histories, logs) goes under CHAOS_DIAGNOSIS (./chaos-runs).
 chaos *ARGS:
-    CHAOS_SCALE="${CHAOS_SCALE:-4}" {{venv}}/python -m pytest tests/chaos -q -s -rxX --timeout 3600 {{ARGS}}
+    CHAOS_SCALE="${CHAOS_SCALE:-4}" CHAOS_DIAGNOSIS="${CHAOS_DIAGNOSIS:-{{justfile_directory()}}/chaos-runs}" {{venv}}/python -m pytest tests/chaos -q -s -rxX --timeout 3600 {{ARGS}}
 
 # The benchmark suite (needs `pip install -e '.[bench]'`); rewrites bench/RESULTS.md and its chart.
 bench *ARGS:

@@ -103,8 +103,10 @@ async def test_nothing_lost_nothing_twice_in_order_under_faults(tmp_path: Path) 
     print(f"\nchaos: {report}")
     failed = (report["lost"], report["shown twice"], report["order violations"]) != (0, 0, 0)
     if failed:
-        where = tmp_path / "diagnosis"
-        where.mkdir()
+        # pytest keeps only its last three temporary directories: a long run's diagnosis
+        # outlives the runs after it where CHAOS_DIAGNOSIS says.
+        where = Path(os.environ.get("CHAOS_DIAGNOSIS", tmp_path)) / f"diagnosis-{os.getpid()}"
+        where.mkdir(parents=True)
         (where / "lost.txt").write_text(ledger.diagnose(log_of))
         for name, log in fleet.logs.items():
             (where / f"{name}.log").write_bytes(log)
