@@ -225,10 +225,7 @@ def from_query(query: Mapping[str, str]) -> str:
         raise IdentityError(400, "invalid_user_id", "userId and userid name different users")
     if not user_id:
         raise IdentityError(400, "missing_user_id", "missing userId query parameter")
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise IdentityError(400, "invalid_user_id", f"userId {problem}")
-    return user_id
+    return _checked_user_id(user_id, 400, "invalid_user_id", "userId")
 
 
 def user_id_problem(user_id: str) -> str | None:
@@ -249,6 +246,15 @@ def user_id_problem(user_id: str) -> str | None:
     except UnicodeEncodeError:
         return "is not valid Unicode"
     return None
+
+
+def _checked_user_id(user_id: str, status: int, code: str, name: str) -> str:
+    """`user_id` when `user_id_problem` finds none, else IdentityError(`status`, `code`)
+    saying what is wrong with the value `name` names."""
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise IdentityError(status, code, f"{name} {problem}")
+    return user_id
 
 
 def _valid_cookie_value(value: str | None) -> bool:
@@ -294,10 +300,7 @@ def _from_token(policy: Policy, request: RequestView, now: float) -> str:
         user_id = token.verify(raw, policy.signing_keys, policy.connector_id, now)
     except token.TokenError as exc:
         raise IdentityError(401, exc.code, str(exc)) from None
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise IdentityError(401, "token_invalid", f"the token's sub {problem}")
-    return user_id
+    return _checked_user_id(user_id, 401, "token_invalid", "the token's sub")
 
 
 def _trusted(policy: Policy, host: str | None) -> bool:
@@ -326,7 +329,4 @@ def _from_header(policy: Policy, request: RequestView) -> str:
         user_id = values[0].strip().encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise IdentityError(401, "invalid_user_id", "the user id is not UTF-8") from None
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise IdentityError(401, "invalid_user_id", f"the user id {problem}")
-    return user_id
+    return _checked_user_id(user_id, 401, "invalid_user_id", "the user id")

@@ -30,10 +30,12 @@ from pymongo.errors import (
     PyMongoError,
 )
 
+from sidecar.app import store_options
 from sidecar.config import Settings
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State, new_id
-from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+from sidecar.store.base import StoreOptions, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY
 from sidecar.store.mongo import FeedStep, MongoStore, feed_step
 from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port, not_messages
@@ -93,8 +95,8 @@ def db_name(raw: RawClient) -> Iterator[str]:
     raw.drop_database(name)
 
 
-def settings(uri: str, db: str, **env: str) -> Settings:
-    return Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": db} | env)
+def settings(uri: str, db: str, **env: str) -> StoreOptions:
+    return store_options(Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": db} | env))
 
 
 @asynccontextmanager

@@ -48,11 +48,11 @@ from pymongo.errors import (
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
-from sidecar.config import Settings
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State
 from sidecar.store import documents
-from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+from sidecar.store.base import StoreOptions, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY, FEED, Document
 
 T = TypeVar("T")
@@ -306,28 +306,28 @@ class MongoStore:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, client_options: Mapping[str, Any] | None = None
+        cls, options: StoreOptions, *, client_options: Mapping[str, Any] | None = None
     ) -> MongoStore:
-        """Connect to `settings.store`, create `web_channel_event` when it is missing (an
+        """Connect to `options.url`, create `web_channel_event` when it is missing (an
         existing one is used as is) and log whether it is capped.
 
         `client_options` are extra MongoClient keyword arguments (tests pass
         `event_listeners`). Raises StoreUnavailable, with the client closed, when MongoDB
         cannot be reached or the collection cannot be set up."""
-        options = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
+        client_kwargs = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
         opens = _ChangeStreamOpens()
-        options["event_listeners"] = [*options.get("event_listeners", ()), opens]
+        client_kwargs["event_listeners"] = [*client_kwargs.get("event_listeners", ()), opens]
 
         def connect() -> MongoStore:
-            client: MongoClient[Document] = MongoClient(settings.store, **options)
+            client: MongoClient[Document] = MongoClient(options.url, **client_kwargs)
             try:
-                if settings.mongo_database:
-                    db: Database[Document] = client[settings.mongo_database]
+                if options.mongo_database:
+                    db: Database[Document] = client[options.mongo_database]
                 else:
                     db = client.get_default_database(DEFAULT_DATABASE)
-                capped = _ensure_collection(db, settings)
-                _ensure_delivery(db, settings)
-                store = cls(client, db[COLLECTION], [c.id for c in settings.connectors], capped)
+                capped = _ensure_collection(db, options)
+                _ensure_delivery(db, options)
+                store = cls(client, db[COLLECTION], options.connector_ids, capped)
                 store._change_streams = opens
                 return store
             except BaseException:
@@ -338,7 +338,7 @@ class MongoStore:
             return await trio.to_thread.run_sync(connect)
         except PyMongoError as exc:
             # A ConfigurationError here is about the URL that only DNS could tell (a
-            # mongodb+srv:// name without SRV records): settings.store parsed.
+            # mongodb+srv:// name without SRV records): the URL parsed.
             if not (_is_unavailable(exc) or isinstance(exc, ConfigurationError)):
                 raise
             raise StoreUnavailable(f"cannot open MongoDB store: {exc}") from exc
@@ -993,19 +993,19 @@ class MongoStore:
             await trio.to_thread.run_sync(self._client.close)
 
 
-def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
+def _ensure_collection(db: Database[Document], options: StoreOptions) -> bool:
     """Create `web_channel_event` with its indexes when missing; return whether it is
     capped. Losing a creation race to another instance is fine."""
     if COLLECTION not in db.list_collection_names(filter={"name": COLLECTION}):
         try:
-            if settings.mongo_capped:
+            if options.mongo_capped:
                 # As Tock creates it: size in bytes from the KB setting, max documents.
-                size_kb = settings.queue_max_size_kb or 2 * settings.queue_max_count
+                size_kb = options.max_size_kb or 2 * options.max_count
                 db.create_collection(
                     COLLECTION,
                     capped=True,
                     size=size_kb * 1000,
-                    max=settings.queue_max_count,
+                    max=options.max_count,
                     check_exists=False,
                 )
             else:
@@ -1016,26 +1016,26 @@ def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
             if exc.code != NAMESPACE_EXISTS:
                 raise
         else:
-            _create_indexes(db[COLLECTION], settings)
-    options = db[COLLECTION].options()
-    capped = bool(options.get("capped"))
+            _create_indexes(db[COLLECTION], options)
+    found = db[COLLECTION].options()
+    capped = bool(found.get("capped"))
     if capped:
         log.info(
             "%s.%s is capped (max %s documents, %s bytes): undelivered messages are evicted "
             "when it is full",
-            db.name, COLLECTION, options.get("max"), options.get("size"),
+            db.name, COLLECTION, found.get("max"), found.get("size"),
         )  # fmt: skip
     else:
         log.info("%s.%s is not capped", db.name, COLLECTION)
     return capped
 
 
-def _ttl_seconds(settings: Settings) -> int | None:
-    ttl_days = DEFAULT_TTL_DAYS if settings.queue_ttl_days is None else settings.queue_ttl_days
+def _ttl_seconds(options: StoreOptions) -> int | None:
+    ttl_days = DEFAULT_TTL_DAYS if options.ttl_days is None else options.ttl_days
     return int(ttl_days * 86400) if ttl_days > 0 else None
 
 
-def _create_indexes(collection: Collection[Document], settings: Settings) -> None:
+def _create_indexes(collection: Collection[Document], options: StoreOptions) -> None:
     """The indexes of a `web_channel_event` the sidecar created. None has the keys of one of
     Tock's (`{appId, recipientId, status}`, `{enqueuedAt: 1}` with Tock's TTL), whose index
     helper would drop it and make its own: the TTL index is on `{enqueuedAt: -1}`, so when
@@ -1043,21 +1043,21 @@ def _create_indexes(collection: Collection[Document], settings: Settings) -> Non
     specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         ([("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)], {})
     ]
-    ttl = _ttl_seconds(settings)
+    ttl = _ttl_seconds(options)
     # MongoDB refuses TTL indexes on capped collections; the cap bounds those instead.
-    if ttl is not None and not settings.mongo_capped:
+    if ttl is not None and not options.mongo_capped:
         specs.append(([("enqueuedAt", -1)], {"expireAfterSeconds": ttl}))
     _ensure_indexes(collection, specs)
 
 
-def _ensure_delivery(db: Database[Document], settings: Settings) -> None:
+def _ensure_delivery(db: Database[Document], options: StoreOptions) -> None:
     """`sidecar_delivery`'s indexes: the log's, unique, on which claims race (one seq per
     user per place), and the TTL on `at`: a record goes when its message would (with no
     TTL, records stay as long as the messages may)."""
     specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         ([("appId", 1), ("recipientId", 1), ("seq", 1)], {"unique": True})
     ]
-    ttl = _ttl_seconds(settings)
+    ttl = _ttl_seconds(options)
     if ttl is not None:
         specs.append(([("at", 1)], {"expireAfterSeconds": ttl}))
     _ensure_indexes(db[DELIVERY], specs)
