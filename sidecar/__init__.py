@@ -5,7 +5,7 @@ list, never from one below it (tests/test_layers.py reads this list and holds ev
 of the package to it; a module it does not place fails that test). A name covers the
 module of that name and, for a package, every module in it.
 
-    logs: log records and the current request id, for every layer
+    errors, logs: the error tree, log records and the current request id, for every layer
     protocol: the rules without I/O (messages, the feed's vocabulary, frames, tokens)
     config, identity, metrics: settings, who a request is for, the Prometheus counts
     store: the message stores (they take `StoreOptions`, never the settings)

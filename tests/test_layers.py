@@ -95,7 +95,7 @@ def package_sources() -> dict[str, str]:
 def test_the_docstring_declares_the_layers() -> None:
     layers = declared_layers(sidecar.__doc__ or "")
     names = [name for layer in layers for name in layer]
-    assert names[:2] == ["logs", "protocol"]
+    assert names[:3] == ["errors", "logs", "protocol"]
     assert names.index("store") < names.index("hub") < names.index("stream") < names.index("app")
     assert len(names) == len(set(names))
 

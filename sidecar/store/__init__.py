@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sidecar.store.base import Store, StoreOptions, StoreUnavailable
+from sidecar.store.base import Store, StoreError, StoreOptions, StoreUnavailable
 
-__all__ = ["Store", "StoreOptions", "StoreUnavailable", "open_store"]
+__all__ = ["Store", "StoreError", "StoreOptions", "StoreUnavailable", "open_store"]
 
 
 @asynccontextmanager
@@ -27,8 +27,8 @@ async def open_store(options: StoreOptions) -> AsyncIterator[Store]:
             from sidecar.store.mongo import MongoStore
 
             store = await MongoStore.open(options)
-    except StoreUnavailable as exc:
-        raise StoreUnavailable(f"SIDECAR_STORE: {exc}") from exc
+    except StoreError as exc:
+        raise type(exc)(f"SIDECAR_STORE: {exc}") from exc
     try:
         yield store
     finally:

@@ -3,7 +3,9 @@
 
 Every method may block on I/O in its implementation but never blocks the trio loop: stores
 run their blocking calls in worker threads. Methods raise `StoreUnavailable` when the
-backing database cannot be reached or written; nothing else escapes for I/O failures.
+backing database cannot be reached or written now, and `StoreError` when it refused in a
+way a retry will not change (an authorisation failure, a query it rejects); nothing else
+escapes for the database's failures.
 
 A store knows nothing of the settings (sidecar/config.py): `sidecar.app` builds its
 `StoreOptions` from them.
@@ -17,13 +19,27 @@ from typing import Any, Protocol
 
 import trio
 
+from sidecar.errors import SidecarError
 from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.feed import FeedItem
 from sidecar.protocol.message import Message
 
 
-class StoreUnavailable(Exception):
+class StoreError(SidecarError):
+    """The store refused the operation, and retrying it will not help: answered 500 and
+    logged (sidecar.errors)."""
+
+
+class StoreUnavailable(StoreError):
     """The store could not be reached or written; the operation may be retried later."""
+
+    status = 503
+    code = "store_unavailable"
+    retry_after = 1
+
+    @property
+    def public_message(self) -> str:
+        return "the message store is unavailable; retry later"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

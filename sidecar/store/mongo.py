@@ -7,7 +7,9 @@ documents whose `status` is not int32 0). This module sends those queries and up
 
 pymongo's synchronous client does the I/O; every blocking call runs in a trio worker thread.
 The client has short timeouts so that, when MongoDB cannot be reached, every call raises
-`StoreUnavailable` within a few seconds instead of hanging.
+`StoreUnavailable` within a few seconds instead of hanging. `store_error` sorts pymongo's
+errors: an outage is `StoreUnavailable` (retry), a refusal a retry will not change (an
+authorisation failure, a command or query the server rejects) a `StoreError` (answered 500).
 
 The feed tails a change stream on the collection (inserts of the configured connectors
 only), in one dedicated thread per `run_feed` call. It survives network faults and server
@@ -52,7 +54,7 @@ from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State
 from sidecar.store import documents
-from sidecar.store.base import StoreOptions, StoreUnavailable
+from sidecar.store.base import StoreError, StoreOptions, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY, FEED, Document
 
 T = TypeVar("T")
@@ -134,10 +136,43 @@ def _by_ids(values: Sequence[Any]) -> Document:
     return {"_id": {"$in": list(values)}}
 
 
-def _is_unavailable(exc: PyMongoError) -> bool:
-    """True for errors meaning 'MongoDB cannot do this right now' (network, server
-    selection, timeouts, server-side refusals); False for programming errors."""
-    return isinstance(exc, ConnectionFailure | OperationFailure) or exc.timeout
+# Server errors that mean "not now" (the retryable writes spec's list, which pymongo
+# retries by): the server is shutting down, not primary any more, or could not reach
+# another member in time. Any other OperationFailure is a refusal (18 AuthenticationFailed,
+# 13 Unauthorized, 2 BadValue, 59 CommandNotFound, 121 DocumentValidationFailure...).
+UNAVAILABLE_CODES = frozenset(
+    {
+        6,  # HostUnreachable
+        7,  # HostNotFound
+        89,  # NetworkTimeout
+        91,  # ShutdownInProgress
+        134,  # ReadConcernMajorityNotAvailableYet
+        189,  # PrimarySteppedDown
+        262,  # ExceededTimeLimit
+        9001,  # SocketException
+        10058,  # LegacyNotPrimary
+        10107,  # NotWritablePrimary
+        11600,  # InterruptedAtShutdown
+        11602,  # InterruptedDueToReplStateChange
+        13435,  # NotPrimaryNoSecondaryOk
+        13436,  # NotPrimaryOrSecondary
+    }
+)
+
+
+def store_error(exc: PyMongoError) -> type[StoreError] | None:
+    """What a store call that raised `exc` raises instead: StoreUnavailable when MongoDB
+    cannot do it now (network errors and server selection, NotPrimaryError included; a
+    timeout, 50 MaxTimeMSExpired and 64 WriteConcernFailed by wtimeout among them; a code
+    of UNAVAILABLE_CODES, or a `RetryableWriteError` label), StoreError for any other
+    OperationFailure (the server refused), None for the rest (a bug here: raised as is)."""
+    if isinstance(exc, ConnectionFailure) or exc.timeout:
+        return StoreUnavailable
+    if isinstance(exc, OperationFailure):
+        if exc.code in UNAVAILABLE_CODES or exc.has_error_label("RetryableWriteError"):
+            return StoreUnavailable
+        return StoreError
+    return None
 
 
 class FeedStep(enum.Enum):
@@ -313,7 +348,8 @@ class MongoStore:
 
         `client_options` are extra MongoClient keyword arguments (tests pass
         `event_listeners`). Raises StoreUnavailable, with the client closed, when MongoDB
-        cannot be reached or the collection cannot be set up."""
+        cannot be reached, and StoreError when it refuses (the credentials, the rights to
+        set the collection up, a collection it cannot create)."""
         client_kwargs = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
         opens = _ChangeStreamOpens()
         client_kwargs["event_listeners"] = [*client_kwargs.get("event_listeners", ()), opens]
@@ -339,21 +375,24 @@ class MongoStore:
         except PyMongoError as exc:
             # A ConfigurationError here is about the URL that only DNS could tell (a
             # mongodb+srv:// name without SRV records): the URL parsed.
-            if not (_is_unavailable(exc) or isinstance(exc, ConfigurationError)):
+            error = StoreUnavailable if isinstance(exc, ConfigurationError) else store_error(exc)
+            if error is None:
                 raise
-            raise StoreUnavailable(f"cannot open MongoDB store: {exc}") from exc
+            raise error(f"cannot open MongoDB store: {exc}") from exc
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        """Run blocking `fn` in a worker thread; MongoDB failures become StoreUnavailable.
-        Not abandoned on cancel: the client timeouts bound how long it can take."""
+        """Run blocking `fn` in a worker thread; MongoDB failures become StoreUnavailable or
+        StoreError (`store_error`). Not abandoned on cancel: the client timeouts bound how
+        long it can take."""
 
         def guarded() -> T:
             try:
                 return fn()
             except PyMongoError as exc:
-                if not _is_unavailable(exc):
+                error = store_error(exc)
+                if error is None:
                     raise
-                raise StoreUnavailable(f"MongoDB: {exc}") from exc
+                raise error(f"MongoDB: {exc}") from exc
 
         return await trio.to_thread.run_sync(guarded)
 
@@ -708,7 +747,7 @@ class MongoStore:
                 self._feed_starts += 1
                 stream, start, adopt = await self._run(self._open_feed)
                 break
-            except StoreUnavailable as exc:
+            except StoreError as exc:  # unavailable or refused: the feed waits either out
                 log.warning("cannot open the change stream, retrying in %.1fs: %s", backoff, exc)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, FEED_BACKOFF_MAX)
@@ -839,14 +878,16 @@ class MongoStore:
 
     def _retrying(self, fn: Callable[[], T]) -> tuple[T, bool]:
         """`fn` until MongoDB lets it through (in the feed thread; cancellable), and
-        whether it had to wait for MongoDB."""
+        whether it had to wait for MongoDB. A refusal is waited out too (`store_error` says
+        StoreError): the feed has no caller to answer, and stopping it would stop every
+        stream of the instance."""
         backoff = FEED_BACKOFF_FIRST
         retried = False
         while True:
             try:
                 return fn(), retried
             except PyMongoError as exc:
-                if not _is_unavailable(exc):
+                if store_error(exc) is None:
                     raise
                 log.warning("feed: %r; retrying in %.1fs", exc, backoff)
                 _pause(backoff)
