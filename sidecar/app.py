@@ -26,9 +26,11 @@ from sidecar.http.public import PublicApp
 from sidecar.http.scrape import build_metrics_app
 from sidecar.http.send import SendApp
 from sidecar.hub import CloseReason, Hub
-from sidecar.metrics import InstrumentedStore, Metrics
+from sidecar.metrics import Metrics
 from sidecar.net import ListenerConfig
-from sidecar.store import FeedItem, HistoryLost, Store, open_store
+from sidecar.protocol.feed import FeedItem, HistoryLost
+from sidecar.store import Store, StoreOptions, open_store
+from sidecar.store.instrumented import InstrumentedStore
 from sidecar.stream import SentMarker
 
 log = logging.getLogger("sidecar")
@@ -78,6 +80,19 @@ def _listener_config(name: str, settings: Settings) -> Config:
     return config
 
 
+def store_options(settings: Settings) -> StoreOptions:
+    """What the store is opened with, of the settings."""
+    return StoreOptions(
+        url=settings.store,
+        connector_ids=tuple(c.id for c in settings.connectors),
+        max_count=settings.queue_max_count,
+        ttl_days=settings.queue_ttl_days,
+        mongo_database=settings.mongo_database,
+        mongo_capped=settings.mongo_capped,
+        max_size_kb=settings.queue_max_size_kb,
+    )
+
+
 async def _pump_feed(
     store: Store, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -114,7 +129,7 @@ async def open_core(settings: Settings) -> AsyncIterator[Core]:
     """Open the store and run the sent marker, the hub's pinger and the feed for the
     block. On exit the marker gets `shutdown_seconds` to write what it has queued, then
     the rest is cancelled and the store closed."""
-    async with open_store(settings) as raw_store, trio.open_nursery() as nursery:
+    async with open_store(store_options(settings)) as raw_store, trio.open_nursery() as nursery:
         metrics = Metrics()
         store = InstrumentedStore(raw_store, metrics)
         hub = Hub(
@@ -124,7 +139,7 @@ async def open_core(settings: Settings) -> AsyncIterator[Core]:
         metrics.count_at_scrape(
             "sidecar_feed_resumes",
             "times the store's feed reopened its change stream after an interruption",
-            lambda: getattr(raw_store, "feed_resumes", 0),
+            lambda: raw_store.feed_resumes,
         )
         metrics.count_at_scrape(
             "sidecar_sent_marks_dropped",

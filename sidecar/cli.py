@@ -14,7 +14,7 @@ import trio
 
 from sidecar import app, logs, startup
 from sidecar.config import OPTIONS, ConfigError, Settings, StartupError
-from sidecar.store import StoreUnavailable
+from sidecar.store import StoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _operator_error(exc: BaseException) -> BaseException | None:
     """The store or listener failure in `exc` (trio's nurseries wrap errors in groups),
     which an operator fixes and which needs no traceback; None for anything else."""
-    if isinstance(exc, StoreUnavailable | StartupError):
+    if isinstance(exc, StoreError | StartupError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

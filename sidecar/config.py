@@ -15,15 +15,16 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sidecar.errors import SidecarError
 from sidecar.identity import IpNetwork, Mode, Modes, parse_modes, parse_networks
 from sidecar.protocol.token import SigningKey, parse_keys
 
 
-class ConfigError(ValueError):
+class ConfigError(SidecarError, ValueError):
     """Invalid configuration; the message is one line and names the setting."""
 
 
-class StartupError(Exception):
+class StartupError(SidecarError):
     """A setting that is valid but cannot be used here (an address already in use, a host
     that does not resolve); the message is one line and names the setting."""
 

@@ -22,8 +22,8 @@ import trio
 import trio.lowlevel
 
 from sidecar.metrics import Metrics
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message
-from sidecar.store.base import FeedItem, HistoryLost
 
 log = logging.getLogger("sidecar.hub")
 

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from sidecar.errors import IdentityError
 from sidecar.protocol import token
 
 if TYPE_CHECKING:
@@ -37,16 +38,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 COOKIE_NAME = "tock_user_id"
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class IdentityError(Exception):
-    """The request does not say who it is for, or says it badly; `status` is the HTTP code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class Mode(enum.StrEnum):
@@ -204,7 +195,9 @@ class Resolved:
 def resolve(
     policy: Policy, request: RequestView, *, mint_cookie: bool = False, now: float | None = None
 ) -> Resolved:
-    """The user `request` acts for under `policy`, or IdentityError. Only the stream passes
+    """The user `request` acts for under `policy`, or IdentityError (a TokenError for a
+    signed token that grants nothing), which `status` and `code` say how to answer (see
+    sidecar.errors). Only the stream passes
     `mint_cookie`: in cookie mode it then creates an identity for a browser without one;
     the ack endpoint never does."""
     if policy.mode is Mode.QUERY:
@@ -225,10 +218,7 @@ def from_query(query: Mapping[str, str]) -> str:
         raise IdentityError(400, "invalid_user_id", "userId and userid name different users")
     if not user_id:
         raise IdentityError(400, "missing_user_id", "missing userId query parameter")
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise IdentityError(400, "invalid_user_id", f"userId {problem}")
-    return user_id
+    return _checked_user_id(user_id, 400, "invalid_user_id", "userId")
 
 
 def user_id_problem(user_id: str) -> str | None:
@@ -249,6 +239,15 @@ def user_id_problem(user_id: str) -> str | None:
     except UnicodeEncodeError:
         return "is not valid Unicode"
     return None
+
+
+def _checked_user_id(user_id: str, status: int, code: str, name: str) -> str:
+    """`user_id` when `user_id_problem` finds none, else IdentityError(`status`, `code`)
+    saying what is wrong with the value `name` names."""
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise IdentityError(status, code, f"{name} {problem}")
+    return user_id
 
 
 def _valid_cookie_value(value: str | None) -> bool:
@@ -290,14 +289,8 @@ def _from_token(policy: Policy, request: RequestView, now: float) -> str:
         raise IdentityError(
             401, "missing_token", "missing token query parameter or Authorization: Bearer header"
         )
-    try:
-        user_id = token.verify(raw, policy.signing_keys, policy.connector_id, now)
-    except token.TokenError as exc:
-        raise IdentityError(401, exc.code, str(exc)) from None
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise IdentityError(401, "token_invalid", f"the token's sub {problem}")
-    return user_id
+    user_id = token.verify(raw, policy.signing_keys, policy.connector_id, now)
+    return _checked_user_id(user_id, 401, "token_invalid", "the token's sub")
 
 
 def _trusted(policy: Policy, host: str | None) -> bool:
@@ -326,7 +319,4 @@ def _from_header(policy: Policy, request: RequestView) -> str:
         user_id = values[0].strip().encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise IdentityError(401, "invalid_user_id", "the user id is not UTF-8") from None
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise IdentityError(401, "invalid_user_id", f"the user id {problem}")
-    return user_id
+    return _checked_user_id(user_id, 401, "invalid_user_id", "the user id")

@@ -35,8 +35,9 @@ from sidecar.hub import Hub, Key, Mailbox
 from sidecar.metrics import Metrics
 from sidecar.protocol import sse
 from sidecar.protocol.delivery import NOWHERE, SEEN_NOTHING, Position, Replay, Step, step
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State
-from sidecar.store.base import FeedItem, HistoryLost, Store, StoreUnavailable
+from sidecar.store.base import Store, StoreUnavailable
 
 log = logging.getLogger("sidecar.stream")
 

@@ -80,12 +80,14 @@ async def open_mongo_store(request: pytest.FixtureRequest, tmp_path: Path) -> As
 
     import pymongo
 
+    from sidecar.app import store_options
     from sidecar.config import Settings
     from sidecar.store.mongo import MongoStore
 
     uri: str = request.getfixturevalue("mongodb_server")
     name = f"t_{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
-    store = await MongoStore.open(Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": name}))
+    env = {"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": name}
+    store = await MongoStore.open(store_options(Settings.load(env)))
 
     def drop() -> None:
         with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:

@@ -10,8 +10,8 @@ import trio
 import trio.testing
 
 from sidecar.hub import CloseReason, Hub, Subscription
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message
-from sidecar.store.base import FeedItem, HistoryLost
 
 A = ("web", "alice")
 B = ("web", "bob")

@@ -20,6 +20,7 @@ from bson.int64 import Int64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.app import store_options
 from sidecar.config import Settings
 from sidecar.protocol.delivery import Position, Replay
 from sidecar.protocol.message import Message, State
@@ -217,7 +218,9 @@ async def test_adoption_logs_both_id_types_in_id_order_and_positions_ack_by_seq(
         doc |= {"appId": "web", "recipientId": user, "webConnectorResponse": {"responses": []}}
         doc["status"] = 1 if is_sent else 0
     store = await MongoStore.open(
-        Settings.load({"SIDECAR_STORE": mongodb_server, "SIDECAR_MONGO_DB": shared_db})
+        store_options(
+            Settings.load({"SIDECAR_STORE": mongodb_server, "SIDECAR_MONGO_DB": shared_db})
+        )
     )
     try:
         if stored:

@@ -24,19 +24,29 @@ from bson.int64 import Int64
 from pymongo import monitoring, uri_parser
 from pymongo.errors import (
     AutoReconnect,
+    ConfigurationError,
     CursorNotFound,
+    ExecutionTimeout,
+    InvalidOperation,
     NetworkTimeout,
+    NotPrimaryError,
     OperationFailure,
     PyMongoError,
+    ServerSelectionTimeoutError,
+    WriteError,
+    WTimeoutError,
 )
 
+from sidecar.app import store_options
 from sidecar.config import Settings
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State, new_id
-from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+from sidecar.store.base import StoreError, StoreOptions, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY
-from sidecar.store.mongo import FeedStep, MongoStore, feed_step
+from sidecar.store.mongo import FeedStep, MongoStore, feed_step, store_error
 from tests.mongo_harness import MongoJavaServer, TcpProxy, free_port, not_messages
+from tests.sidecar_harness import running_sidecar, settings_for
 from tests.tock_documents import encoded_size, fixtures
 
 RawClient = pymongo.MongoClient[dict[str, Any]]
@@ -93,8 +103,8 @@ def db_name(raw: RawClient) -> Iterator[str]:
     raw.drop_database(name)
 
 
-def settings(uri: str, db: str, **env: str) -> Settings:
-    return Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": db} | env)
+def settings(uri: str, db: str, **env: str) -> StoreOptions:
+    return store_options(Settings.load({"SIDECAR_STORE": uri, "SIDECAR_MONGO_DB": db} | env))
 
 
 @asynccontextmanager
@@ -573,7 +583,7 @@ async def test_capped_collection_and_eviction_headroom(
         store = await MongoStore.open(
             settings(mongo_uri, db_name, SIDECAR_MONGO_CAPPED="true", SIDECAR_QUEUE_MAX_COUNT="10")
         )
-    except StoreUnavailable as exc:
+    except StoreError as exc:
         if "capped" in str(exc).lower():
             pytest.skip(f"this server cannot create capped collections: {exc}")
         raise
@@ -667,3 +677,105 @@ FEED_STEPS = [
 @pytest.mark.parametrize(("error", "at_token", "wire", "step"), FEED_STEPS)
 def test_feed_step(error: PyMongoError, at_token: bool, wire: int | None, step: FeedStep) -> None:
     assert feed_step(error, at_token=at_token, wire_version=wire) is step
+
+
+# (what pymongo raised, what a store call raises instead: None when it is raised as is)
+STORE_ERRORS: list[tuple[PyMongoError, type[StoreError] | None]] = [
+    # An outage: retry later (503).
+    (AutoReconnect("connection reset"), StoreUnavailable),
+    (NetworkTimeout("timed out"), StoreUnavailable),
+    (ServerSelectionTimeoutError("no server"), StoreUnavailable),
+    (NotPrimaryError("not primary", {"code": 10107}), StoreUnavailable),
+    (ExecutionTimeout("operation exceeded time limit", code=50), StoreUnavailable),  # MaxTimeMS
+    (WTimeoutError("waiting for replication timed out", code=64), StoreUnavailable),
+    *[
+        (OperationFailure("not now", code=code), StoreUnavailable)
+        for code in (
+            6,  # HostUnreachable
+            7,  # HostNotFound
+            89,  # NetworkTimeout
+            91,  # ShutdownInProgress
+            134,  # ReadConcernMajorityNotAvailableYet
+            189,  # PrimarySteppedDown
+            262,  # ExceededTimeLimit
+            9001,  # SocketException
+            10058,  # LegacyNotPrimary
+            10107,  # NotWritablePrimary
+            11600,  # InterruptedAtShutdown
+            11602,  # InterruptedDueToReplStateChange
+            13435,  # NotPrimaryNoSecondaryOk
+            13436,  # NotPrimaryOrSecondary
+        )
+    ],
+    (
+        OperationFailure("x", code=1, details={"errorLabels": ["RetryableWriteError"]}),
+        StoreUnavailable,
+    ),
+    # A refusal a retry will not change: an internal error (500).
+    (OperationFailure("Authentication failed.", code=18), StoreError),  # AuthenticationFailed
+    (OperationFailure("not authorized on tock_bot", code=13), StoreError),  # Unauthorized
+    (OperationFailure("unknown operator: $bogus", code=2), StoreError),  # BadValue
+    (OperationFailure("no such command", code=59), StoreError),  # CommandNotFound
+    (WriteError("Document failed validation", code=121), StoreError),  # DocumentValidation...
+    (OperationFailure("no code at all"), StoreError),
+    # Not from the server: a bug here, raised as it is.
+    (InvalidOperation("cannot use MongoClient after close"), None),
+    (ConfigurationError("unknown option"), None),
+]
+
+
+@pytest.mark.parametrize(("error", "raised"), STORE_ERRORS)
+def test_store_error(error: PyMongoError, raised: type[StoreError] | None) -> None:
+    assert store_error(error) is raised
+
+
+async def test_a_command_the_server_refuses_is_a_store_error_not_an_outage(
+    mongo_uri: str, db_name: str
+) -> None:
+    async with opened(mongo_uri, db_name) as store:
+        with pytest.raises(StoreError) as info:
+            await store._run(lambda: store._collection.database.command("noSuchCommand"))
+        assert type(info.value) is StoreError
+        assert isinstance(info.value.__cause__, OperationFailure)
+        assert info.value.__cause__.code == 59  # CommandNotFound
+
+
+class _RefusingInserts:
+    """Stands in for a store's insert collection: every insert runs a command the server
+    refuses (59 CommandNotFound), as an insert it is not authorised to make would be."""
+
+    def __init__(self, database: Any) -> None:
+        self._database = database
+
+    def insert_many(self, *args: Any, **kwargs: Any) -> None:
+        self._database.command("noSuchCommand")
+
+
+async def test_a_save_the_server_refuses_is_answered_500_not_503(
+    mongo_uri: str, db_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Against the server: a refusal is no outage, so no "retry later" (503); the send is
+    answered as an internal error (500), the same on the fast path and through Quart (a
+    chunked body), and the server's words go to the log, not to the client."""
+    settings = settings_for(tmp_path, SIDECAR_STORE=mongo_uri, SIDECAR_MONGO_DB=db_name)
+    body = b'{"connectorId": "web", "recipientId": "alice", "response": {"responses": []}}'
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield body
+
+    async with running_sidecar(settings) as sidecar:
+        store: Any = sidecar.running.store
+        store._inserts = _RefusingInserts(store._collection.database)
+        url = f"{sidecar.send_url}/v1/send"
+        headers = {"Content-Type": "application/json"}
+        for content in (body, chunked()):
+            caplog.clear()
+            reply = await sidecar.client.post(url, content=content, headers=headers)
+            assert reply.status_code == 500, reply.text
+            assert "retry-after" not in reply.headers
+            error = reply.json()["error"]
+            assert error["code"] == "internal_server_error"
+            assert "noSuchCommand" not in error["message"]
+            logged = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+            assert any("noSuchCommand" in text for text in logged), logged
+        assert (await sidecar.client.get(f"{sidecar.send_url}/readyz")).status_code == 200

@@ -11,9 +11,10 @@ import pytest
 import trio
 
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem
 from sidecar.protocol.message import Message, new_id
 from sidecar.store import sqlite
-from sidecar.store.base import FeedItem, StoreUnavailable
+from sidecar.store.base import StoreUnavailable
 from sidecar.store.sqlite import SqliteStore
 
 

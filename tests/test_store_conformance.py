@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem
 from sidecar.protocol.message import IdGenerator, Message, State
-from sidecar.store.base import FeedItem, Store
+from sidecar.store.base import Store
 from tests.protocol.test_message import STORABLE
 
 _clock = itertools.count(1_700_000_000)

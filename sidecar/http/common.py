@@ -1,28 +1,26 @@
-"""What both listeners share: JSON errors, CORS rules, health routes."""
+"""What both listeners share: JSON errors, CORS rules, health routes.
+
+`error_answer` is where a `SidecarError` (sidecar/errors.py) becomes an HTTP answer, on
+the Quart routes (`install_error_handlers`) and the plain ASGI ones alike.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from typing import Any
 
 from quart import Quart, Response
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from sidecar.errors import ApiError, SidecarError
 from sidecar.logs import current_request_id
 from sidecar.store.base import Store, StoreUnavailable
 
-
-class ApiError(Exception):
-    """An error answer: HTTP `status` and a JSON body {"error": {"code", "message",
-    "requestId"}}."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+log = logging.getLogger("sidecar.http")
 
 
 class _NotFinite(ValueError):
@@ -64,9 +62,21 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": error}).encode()
 
 
+def error_answer(exc: SidecarError) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The status, headers and JSON body that answer `exc`; an error answered 500 is
+    logged here, with its traceback (its message, which the client is not shown, says
+    what went wrong)."""
+    if exc.status == 500:
+        log.error("request failed: %s", exc, exc_info=exc)
+    headers = [("Content-Type", "application/json")]
+    if exc.retry_after is not None:
+        headers.append(("Retry-After", str(exc.retry_after)))
+    return exc.status, headers, error_body(exc.code, exc.public_message)
+
+
 def store_unavailable_body() -> bytes:
     """The body of a 503 for a store that did not answer (sent with Retry-After: 1)."""
-    return error_body("store_unavailable", "the message store is unavailable; retry later")
+    return error_answer(StoreUnavailable())[2]
 
 
 def http_error_code(exc: HTTPException) -> str:
@@ -83,17 +93,10 @@ def json_response(body: Any, status: int = 200) -> Response:
 def install_error_handlers(app: Quart) -> None:
     """Every error leaves as JSON, werkzeug's own (404, 405, 413) included."""
 
-    @app.errorhandler(ApiError)
-    async def api_error(exc: ApiError) -> Response:
-        return Response(
-            error_body(exc.code, exc.message), exc.status, content_type="application/json"
-        )
-
-    @app.errorhandler(StoreUnavailable)
-    async def store_unavailable(exc: StoreUnavailable) -> Response:
-        response = Response(store_unavailable_body(), 503, content_type="application/json")
-        response.headers["Retry-After"] = "1"
-        return response
+    @app.errorhandler(SidecarError)
+    async def sidecar_error(exc: SidecarError) -> Response:
+        status, headers, body = error_answer(exc)
+        return Response(body, status, Headers(headers))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -17,7 +17,8 @@ from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import Scope
 
-from sidecar.http.common import error_body
+from sidecar.errors import ApiError
+from sidecar.http.common import error_answer
 from sidecar.logs import pick_request_id, request_id
 
 log = logging.getLogger("sidecar.http.access")
@@ -90,14 +91,19 @@ def _header_size(scope: Any) -> int:
 
 
 async def _too_large(send: Any, limit: int) -> None:
-    body = error_body(
-        "request_header_fields_too_large", f"the request line and headers are over {limit} bytes"
+    status, headers, body = error_answer(
+        ApiError(
+            431,
+            "request_header_fields_too_large",
+            f"the request line and headers are over {limit} bytes",
+        )
     )
+    encoded = [(name.lower().encode(), value.encode()) for name, value in headers]
     await send(
         {
             "type": "http.response.start",
-            "status": 431,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            "status": status,
+            "headers": [*encoded, (b"connection", b"close")],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

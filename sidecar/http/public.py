@@ -25,10 +25,10 @@ from quart_trio import QuartTrio
 
 from sidecar import identity
 from sidecar.config import Connector, Settings
+from sidecar.errors import ApiError, SidecarError
 from sidecar.http.common import (
-    ApiError,
     cors_headers,
-    error_body,
+    error_answer,
     install_error_handlers,
     install_health_routes,
     parse_json,
@@ -54,8 +54,10 @@ SSE_HEADERS = [
     (b"connection", b"keep-alive"),
     (b"x-accel-buffering", b"no"),
 ]
-# Seconds a stream request refused for SIDECAR_MAX_STREAMS is told to wait.
-STREAMS_RETRY_AFTER = b"5"
+# Seconds a stream request refused for SIDECAR_MAX_STREAMS is told to wait, or one refused
+# while the instance drains.
+STREAMS_RETRY_AFTER = 5
+DRAINING_RETRY_AFTER = 1
 MAX_ACK_IDS = 1000
 
 
@@ -97,9 +99,8 @@ class PublicApp:
             connector = self._streams.get(scope["path"])
             if connector is not None:
                 if scope["method"] != "GET":
-                    return await self._error(
-                        scope, send, 405, "method_not_allowed", "the stream takes GET", b"GET"
-                    )
+                    refusal = ApiError(405, "method_not_allowed", "the stream takes GET")
+                    return await self._error(scope, send, refusal, b"GET")
                 return await self._stream(connector, scope, receive, send)
         await self._quart(scope, receive, send)
 
@@ -122,23 +123,14 @@ class PublicApp:
         await _respond(send, 204, encoded, b"")
 
     async def _error(
-        self,
-        scope: HTTPScope,
-        send: Send,
-        status: int,
-        code: str,
-        message: str,
-        allow: bytes = b"",
-        *,
-        retry_after: bytes = b"1",
+        self, scope: HTTPScope, send: Send, exc: SidecarError, allow: bytes = b""
     ) -> None:
-        body = error_body(code, message)
-        headers = [(b"content-type", b"application/json"), *self._cors(scope)]
+        status, headers, body = error_answer(exc)
+        encoded = [(name.lower().encode(), value.encode()) for name, value in headers]
+        encoded += self._cors(scope)
         if allow:
-            headers.append((b"allow", allow))
-        if status == 503:
-            headers.append((b"retry-after", retry_after))
-        await _respond(send, status, headers, body)
+            encoded.append((b"allow", allow))
+        await _respond(send, status, encoded, body)
 
     async def _stream(
         self, connector: Connector, scope: HTTPScope, receive: Receive, send: Send
@@ -151,14 +143,14 @@ class PublicApp:
                 "open this stream",
             )
             if forged is not None:
-                return await self._error(scope, send, forged.status, forged.code, forged.message)
+                return await self._error(scope, send, forged)
         try:
             query = _query(scope)
             resolved = identity.resolve(
                 self._policies[connector.id], _request_view(scope, query), mint_cookie=True
             )
-        except (ApiError, identity.IdentityError) as exc:
-            return await self._error(scope, send, exc.status, exc.code, exc.message)
+        except ApiError as exc:  # an IdentityError, or a query that is not UTF-8
+            return await self._error(scope, send, exc)
         user_id = resolved.user_id
         set_cookie = [(b"set-cookie", resolved.set_cookie.encode())] if resolved.set_cookie else []
         # EventSource sends the header on its own reconnects; the browser client always
@@ -167,22 +159,26 @@ class PublicApp:
         browser_client = "lastEventId" in query
         last_event_id = normalize_id(raw_last) if raw_last is not None else None
         if raw_last is not None and last_event_id is None:
-            return await self._error(
-                scope, send, 400, "invalid_last_event_id", "Last-Event-ID is not a message id"
-            )
+            refusal = ApiError(400, "invalid_last_event_id", "Last-Event-ID is not a message id")
+            return await self._error(scope, send, refusal)
         if self._draining.is_set():
             self._hub.metrics.streams_rejected.labels("draining").inc()
-            return await self._error(scope, send, 503, "draining", "this instance is shutting down")
+            refusal = ApiError(
+                503,
+                "draining",
+                "this instance is shutting down",
+                retry_after=DRAINING_RETRY_AFTER,
+            )
+            return await self._error(scope, send, refusal)
         if self._starting + self._hub.stream_count() >= self._settings.max_streams:
             self._hub.metrics.streams_rejected.labels("instance_limit").inc()
-            return await self._error(
-                scope,
-                send,
+            refusal = ApiError(
                 503,
                 "too_many_streams",
                 "this instance holds as many streams as it may; retry later",
                 retry_after=STREAMS_RETRY_AFTER,
             )
+            return await self._error(scope, send, refusal)
         # This frame lives as long as the stream (the stream is served inline, not from
         # another coroutine, for the same reason): drop what it no longer needs.
         del query, resolved, raw_last
@@ -419,11 +415,9 @@ def _ack_view(
             forged = _forged(request.headers.get, request.host, same_site, "acknowledge here")
             if forged is not None:
                 raise forged
-        try:
-            view = _request_view(request.scope, _query(request.scope))
-            user_id = identity.resolve(policy, view).user_id
-        except identity.IdentityError as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+        # An IdentityError is answered as any ApiError is (`install_error_handlers`).
+        view = _request_view(request.scope, _query(request.scope))
+        user_id = identity.resolve(policy, view).user_id
         if request.mimetype not in ("application/json", "text/plain"):
             raise ApiError(415, "unsupported_media_type", "send the ack as application/json")
         payload = parse_json(await request.get_data(as_text=False))

@@ -28,8 +28,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge
 
 from sidecar.config import Settings
+from sidecar.errors import ApiError
 from sidecar.http.common import (
-    ApiError,
     error_body,
     http_error_code,
     install_error_handlers,

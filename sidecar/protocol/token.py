@@ -27,6 +27,8 @@ import json
 import re
 from collections.abc import Iterable
 
+from sidecar.errors import IdentityError
+
 VERSION = "v1"
 MIN_SECRET_BYTES = 32
 MAX_TOKEN_LENGTH = 4096
@@ -34,12 +36,11 @@ KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-class TokenError(Exception):
-    """A token that does not grant access; `code` is `token_expired` or `token_invalid`."""
+class TokenError(IdentityError):
+    """A token that does not grant access: 401, `code` `token_expired` or `token_invalid`."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(401, code, message)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

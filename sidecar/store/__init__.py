@@ -5,31 +5,30 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sidecar.config import Settings
-from sidecar.store.base import FeedItem, HistoryLost, Store, StoreUnavailable
+from sidecar.store.base import Store, StoreError, StoreOptions, StoreUnavailable
 
-__all__ = ["FeedItem", "HistoryLost", "Store", "StoreUnavailable", "open_store"]
+__all__ = ["Store", "StoreError", "StoreOptions", "StoreUnavailable", "open_store"]
 
 
 @asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[Store]:
-    """Open the store `settings.store` names, and close it on exit."""
+async def open_store(options: StoreOptions) -> AsyncIterator[Store]:
+    """Open the store `options.url` names, and close it on exit."""
     store: Store
     try:
-        if settings.store.startswith("sqlite:///"):
+        if options.url.startswith("sqlite:///"):
             from sidecar.store.sqlite import SqliteStore
 
             store = await SqliteStore.open(
-                settings.store.removeprefix("sqlite:///"),
-                max_count=settings.queue_max_count,
-                ttl_days=settings.queue_ttl_days,
+                options.url.removeprefix("sqlite:///"),
+                max_count=options.max_count,
+                ttl_days=options.ttl_days,
             )
         else:
             from sidecar.store.mongo import MongoStore
 
-            store = await MongoStore.open(settings)
-    except StoreUnavailable as exc:
-        raise StoreUnavailable(f"SIDECAR_STORE: {exc}") from exc
+            store = await MongoStore.open(options)
+    except StoreError as exc:
+        raise type(exc)(f"SIDECAR_STORE: {exc}") from exc
     try:
         yield store
     finally:

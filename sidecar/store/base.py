@@ -1,8 +1,14 @@
-"""The Store interface every message store implements, and its errors.
+"""The Store interface every message store implements, what a store is opened with
+(`StoreOptions`), and its errors.
 
 Every method may block on I/O in its implementation but never blocks the trio loop: stores
 run their blocking calls in worker threads. Methods raise `StoreUnavailable` when the
-backing database cannot be reached or written; nothing else escapes for I/O failures.
+backing database cannot be reached or written now, and `StoreError` when it refused in a
+way a retry will not change (an authorisation failure, a query it rejects); nothing else
+escapes for the database's failures.
+
+A store knows nothing of the settings (sidecar/config.py): `sidecar.app` builds its
+`StoreOptions` from them.
 """
 
 from __future__ import annotations
@@ -13,22 +19,44 @@ from typing import Any, Protocol
 
 import trio
 
+from sidecar.errors import SidecarError
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem
 from sidecar.protocol.message import Message
 
 
-class StoreUnavailable(Exception):
+class StoreError(SidecarError):
+    """The store refused the operation, and retrying it will not help: answered 500 and
+    logged (sidecar.errors)."""
+
+
+class StoreUnavailable(StoreError):
     """The store could not be reached or written; the operation may be retried later."""
+
+    status = 503
+    code = "store_unavailable"
+    retry_after = 1
+
+    @property
+    def public_message(self) -> str:
+        return "the message store is unavailable; retry later"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class HistoryLost:
-    """Put in the feed when the store could not tell what was written while it was not
-    looking (for example a change stream's resume point fell off the oplog): every open
-    stream should ask the store again for what it has not been sent."""
+class StoreOptions:
+    """What a store is opened with: `url` (`sqlite:///PATH` or `mongodb://...`), the
+    connectors whose messages its feed reports, and the retention rules (Tock's): at most
+    `max_count` messages, kept `ttl_days` (None: the store's default; 0: forever). The
+    MongoDB store alone reads the rest: its database (None: the URL's, else Tock's), and
+    whether a collection it creates is capped (at `max_size_kb`, None: 2 KB a message)."""
 
-
-FeedItem = Message | HistoryLost
+    url: str
+    connector_ids: tuple[str, ...]
+    max_count: int
+    ttl_days: float | None
+    mongo_database: str | None
+    mongo_capped: bool
+    max_size_kb: int | None
 
 
 class Store(Protocol):
@@ -102,6 +130,11 @@ class Store(Protocol):
         `HistoryLost` when some may have been missed. Calls `task_status.started()` once it
         is watching. A message may be sent more than once, and late: streams place each by
         its seq."""
+
+    @property
+    def feed_resumes(self) -> int:
+        """How many times the feed reopened its source after an interruption (0 for a feed
+        that never does); /metrics shows it."""
 
     async def aclose(self) -> None:
         """Release the store's resources."""

@@ -7,7 +7,9 @@ documents whose `status` is not int32 0). This module sends those queries and up
 
 pymongo's synchronous client does the I/O; every blocking call runs in a trio worker thread.
 The client has short timeouts so that, when MongoDB cannot be reached, every call raises
-`StoreUnavailable` within a few seconds instead of hanging.
+`StoreUnavailable` within a few seconds instead of hanging. `store_error` sorts pymongo's
+errors: an outage is `StoreUnavailable` (retry), a refusal a retry will not change (an
+authorisation failure, a command or query the server rejects) a `StoreError` (answered 500).
 
 The feed tails a change stream on the collection (inserts of the configured connectors
 only), in one dedicated thread per `run_feed` call. It survives network faults and server
@@ -48,11 +50,11 @@ from pymongo.errors import (
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
-from sidecar.config import Settings
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State
 from sidecar.store import documents
-from sidecar.store.base import FeedItem, HistoryLost, StoreUnavailable
+from sidecar.store.base import StoreError, StoreOptions, StoreUnavailable
 from sidecar.store.documents import COLLECTION, DELIVERY, FEED, Document
 
 T = TypeVar("T")
@@ -134,10 +136,43 @@ def _by_ids(values: Sequence[Any]) -> Document:
     return {"_id": {"$in": list(values)}}
 
 
-def _is_unavailable(exc: PyMongoError) -> bool:
-    """True for errors meaning 'MongoDB cannot do this right now' (network, server
-    selection, timeouts, server-side refusals); False for programming errors."""
-    return isinstance(exc, ConnectionFailure | OperationFailure) or exc.timeout
+# Server errors that mean "not now" (the retryable writes spec's list, which pymongo
+# retries by): the server is shutting down, not primary any more, or could not reach
+# another member in time. Any other OperationFailure is a refusal (18 AuthenticationFailed,
+# 13 Unauthorized, 2 BadValue, 59 CommandNotFound, 121 DocumentValidationFailure...).
+UNAVAILABLE_CODES = frozenset(
+    {
+        6,  # HostUnreachable
+        7,  # HostNotFound
+        89,  # NetworkTimeout
+        91,  # ShutdownInProgress
+        134,  # ReadConcernMajorityNotAvailableYet
+        189,  # PrimarySteppedDown
+        262,  # ExceededTimeLimit
+        9001,  # SocketException
+        10058,  # LegacyNotPrimary
+        10107,  # NotWritablePrimary
+        11600,  # InterruptedAtShutdown
+        11602,  # InterruptedDueToReplStateChange
+        13435,  # NotPrimaryNoSecondaryOk
+        13436,  # NotPrimaryOrSecondary
+    }
+)
+
+
+def store_error(exc: PyMongoError) -> type[StoreError] | None:
+    """What a store call that raised `exc` raises instead: StoreUnavailable when MongoDB
+    cannot do it now (network errors and server selection, NotPrimaryError included; a
+    timeout, 50 MaxTimeMSExpired and 64 WriteConcernFailed by wtimeout among them; a code
+    of UNAVAILABLE_CODES, or a `RetryableWriteError` label), StoreError for any other
+    OperationFailure (the server refused), None for the rest (a bug here: raised as is)."""
+    if isinstance(exc, ConnectionFailure) or exc.timeout:
+        return StoreUnavailable
+    if isinstance(exc, OperationFailure):
+        if exc.code in UNAVAILABLE_CODES or exc.has_error_label("RetryableWriteError"):
+            return StoreUnavailable
+        return StoreError
+    return None
 
 
 class FeedStep(enum.Enum):
@@ -306,28 +341,29 @@ class MongoStore:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, client_options: Mapping[str, Any] | None = None
+        cls, options: StoreOptions, *, client_options: Mapping[str, Any] | None = None
     ) -> MongoStore:
-        """Connect to `settings.store`, create `web_channel_event` when it is missing (an
+        """Connect to `options.url`, create `web_channel_event` when it is missing (an
         existing one is used as is) and log whether it is capped.
 
         `client_options` are extra MongoClient keyword arguments (tests pass
         `event_listeners`). Raises StoreUnavailable, with the client closed, when MongoDB
-        cannot be reached or the collection cannot be set up."""
-        options = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
+        cannot be reached, and StoreError when it refuses (the credentials, the rights to
+        set the collection up, a collection it cannot create)."""
+        client_kwargs = {**CLIENT_DEFAULTS, **(client_options or {}), "tz_aware": True}
         opens = _ChangeStreamOpens()
-        options["event_listeners"] = [*options.get("event_listeners", ()), opens]
+        client_kwargs["event_listeners"] = [*client_kwargs.get("event_listeners", ()), opens]
 
         def connect() -> MongoStore:
-            client: MongoClient[Document] = MongoClient(settings.store, **options)
+            client: MongoClient[Document] = MongoClient(options.url, **client_kwargs)
             try:
-                if settings.mongo_database:
-                    db: Database[Document] = client[settings.mongo_database]
+                if options.mongo_database:
+                    db: Database[Document] = client[options.mongo_database]
                 else:
                     db = client.get_default_database(DEFAULT_DATABASE)
-                capped = _ensure_collection(db, settings)
-                _ensure_delivery(db, settings)
-                store = cls(client, db[COLLECTION], [c.id for c in settings.connectors], capped)
+                capped = _ensure_collection(db, options)
+                _ensure_delivery(db, options)
+                store = cls(client, db[COLLECTION], options.connector_ids, capped)
                 store._change_streams = opens
                 return store
             except BaseException:
@@ -338,22 +374,25 @@ class MongoStore:
             return await trio.to_thread.run_sync(connect)
         except PyMongoError as exc:
             # A ConfigurationError here is about the URL that only DNS could tell (a
-            # mongodb+srv:// name without SRV records): settings.store parsed.
-            if not (_is_unavailable(exc) or isinstance(exc, ConfigurationError)):
+            # mongodb+srv:// name without SRV records): the URL parsed.
+            error = StoreUnavailable if isinstance(exc, ConfigurationError) else store_error(exc)
+            if error is None:
                 raise
-            raise StoreUnavailable(f"cannot open MongoDB store: {exc}") from exc
+            raise error(f"cannot open MongoDB store: {exc}") from exc
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        """Run blocking `fn` in a worker thread; MongoDB failures become StoreUnavailable.
-        Not abandoned on cancel: the client timeouts bound how long it can take."""
+        """Run blocking `fn` in a worker thread; MongoDB failures become StoreUnavailable or
+        StoreError (`store_error`). Not abandoned on cancel: the client timeouts bound how
+        long it can take."""
 
         def guarded() -> T:
             try:
                 return fn()
             except PyMongoError as exc:
-                if not _is_unavailable(exc):
+                error = store_error(exc)
+                if error is None:
                     raise
-                raise StoreUnavailable(f"MongoDB: {exc}") from exc
+                raise error(f"MongoDB: {exc}") from exc
 
         return await trio.to_thread.run_sync(guarded)
 
@@ -708,7 +747,7 @@ class MongoStore:
                 self._feed_starts += 1
                 stream, start, adopt = await self._run(self._open_feed)
                 break
-            except StoreUnavailable as exc:
+            except StoreError as exc:  # unavailable or refused: the feed waits either out
                 log.warning("cannot open the change stream, retrying in %.1fs: %s", backoff, exc)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, FEED_BACKOFF_MAX)
@@ -839,14 +878,16 @@ class MongoStore:
 
     def _retrying(self, fn: Callable[[], T]) -> tuple[T, bool]:
         """`fn` until MongoDB lets it through (in the feed thread; cancellable), and
-        whether it had to wait for MongoDB."""
+        whether it had to wait for MongoDB. A refusal is waited out too (`store_error` says
+        StoreError): the feed has no caller to answer, and stopping it would stop every
+        stream of the instance."""
         backoff = FEED_BACKOFF_FIRST
         retried = False
         while True:
             try:
                 return fn(), retried
             except PyMongoError as exc:
-                if not _is_unavailable(exc):
+                if store_error(exc) is None:
                     raise
                 log.warning("feed: %r; retrying in %.1fs", exc, backoff)
                 _pause(backoff)
@@ -993,19 +1034,19 @@ class MongoStore:
             await trio.to_thread.run_sync(self._client.close)
 
 
-def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
+def _ensure_collection(db: Database[Document], options: StoreOptions) -> bool:
     """Create `web_channel_event` with its indexes when missing; return whether it is
     capped. Losing a creation race to another instance is fine."""
     if COLLECTION not in db.list_collection_names(filter={"name": COLLECTION}):
         try:
-            if settings.mongo_capped:
+            if options.mongo_capped:
                 # As Tock creates it: size in bytes from the KB setting, max documents.
-                size_kb = settings.queue_max_size_kb or 2 * settings.queue_max_count
+                size_kb = options.max_size_kb or 2 * options.max_count
                 db.create_collection(
                     COLLECTION,
                     capped=True,
                     size=size_kb * 1000,
-                    max=settings.queue_max_count,
+                    max=options.max_count,
                     check_exists=False,
                 )
             else:
@@ -1016,26 +1057,26 @@ def _ensure_collection(db: Database[Document], settings: Settings) -> bool:
             if exc.code != NAMESPACE_EXISTS:
                 raise
         else:
-            _create_indexes(db[COLLECTION], settings)
-    options = db[COLLECTION].options()
-    capped = bool(options.get("capped"))
+            _create_indexes(db[COLLECTION], options)
+    found = db[COLLECTION].options()
+    capped = bool(found.get("capped"))
     if capped:
         log.info(
             "%s.%s is capped (max %s documents, %s bytes): undelivered messages are evicted "
             "when it is full",
-            db.name, COLLECTION, options.get("max"), options.get("size"),
+            db.name, COLLECTION, found.get("max"), found.get("size"),
         )  # fmt: skip
     else:
         log.info("%s.%s is not capped", db.name, COLLECTION)
     return capped
 
 
-def _ttl_seconds(settings: Settings) -> int | None:
-    ttl_days = DEFAULT_TTL_DAYS if settings.queue_ttl_days is None else settings.queue_ttl_days
+def _ttl_seconds(options: StoreOptions) -> int | None:
+    ttl_days = DEFAULT_TTL_DAYS if options.ttl_days is None else options.ttl_days
     return int(ttl_days * 86400) if ttl_days > 0 else None
 
 
-def _create_indexes(collection: Collection[Document], settings: Settings) -> None:
+def _create_indexes(collection: Collection[Document], options: StoreOptions) -> None:
     """The indexes of a `web_channel_event` the sidecar created. None has the keys of one of
     Tock's (`{appId, recipientId, status}`, `{enqueuedAt: 1}` with Tock's TTL), whose index
     helper would drop it and make its own: the TTL index is on `{enqueuedAt: -1}`, so when
@@ -1043,21 +1084,21 @@ def _create_indexes(collection: Collection[Document], settings: Settings) -> Non
     specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         ([("appId", 1), ("recipientId", 1), ("status", 1), ("_id", 1)], {})
     ]
-    ttl = _ttl_seconds(settings)
+    ttl = _ttl_seconds(options)
     # MongoDB refuses TTL indexes on capped collections; the cap bounds those instead.
-    if ttl is not None and not settings.mongo_capped:
+    if ttl is not None and not options.mongo_capped:
         specs.append(([("enqueuedAt", -1)], {"expireAfterSeconds": ttl}))
     _ensure_indexes(collection, specs)
 
 
-def _ensure_delivery(db: Database[Document], settings: Settings) -> None:
+def _ensure_delivery(db: Database[Document], options: StoreOptions) -> None:
     """`sidecar_delivery`'s indexes: the log's, unique, on which claims race (one seq per
     user per place), and the TTL on `at`: a record goes when its message would (with no
     TTL, records stay as long as the messages may)."""
     specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         ([("appId", 1), ("recipientId", 1), ("seq", 1)], {"unique": True})
     ]
-    ttl = _ttl_seconds(settings)
+    ttl = _ttl_seconds(options)
     if ttl is not None:
         specs.append(([("at", 1)], {"expireAfterSeconds": ttl}))
     _ensure_indexes(db[DELIVERY], specs)

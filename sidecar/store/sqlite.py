@@ -50,8 +50,9 @@ from typing import Any, TypeVar, cast
 import trio
 
 from sidecar.protocol.delivery import Position, Replay
+from sidecar.protocol.feed import FeedItem
 from sidecar.protocol.message import Message, State
-from sidecar.store.base import FeedItem, StoreUnavailable
+from sidecar.store.base import StoreUnavailable
 
 T = TypeVar("T")
 
@@ -570,6 +571,11 @@ class SqliteStore:
         except StoreUnavailable as exc:
             log.warning("WAL checkpoints stay automatic: %s", exc)
             return None
+
+    @property
+    def feed_resumes(self) -> int:
+        """Always 0: the feed polls the database and has no stream to reopen."""
+        return 0
 
     async def aclose(self) -> None:
         await self._run(self._db.close)

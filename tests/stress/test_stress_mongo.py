@@ -19,6 +19,7 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from sidecar.app import store_options
 from sidecar.config import MAX_STREAM_BUFFER, Settings
 from sidecar.store.mongo import MongoStore
 from tests.sidecar_harness import running_sidecar, settings_for
@@ -53,7 +54,7 @@ async def _stress(tmp_path: Path, uri: str, database: str, sizes: Sizes) -> None
         SIDECAR_LOG_LEVEL="WARNING",
     )
     # Opened before the baseline: a MongoClient keeps monitor threads and pooled sockets.
-    other_writer = await MongoStore.open(Settings.load(store_env))
+    other_writer = await MongoStore.open(store_options(Settings.load(store_env)))
     failure: AssertionError | None = None
     try:
         async with running_sidecar(settings) as sidecar:
