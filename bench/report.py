@@ -16,6 +16,8 @@ LABELS = {
     "raw": "raw trio (reference)",
     "bare": "bare ASGI, hypercorn-trio",
     "starlette": "sse-starlette, uvicorn",
+    # Removed from the bench (docs/perf/README.md); the run of record still has its rows.
+    "h11": "h11 prototype",
 }
 
 
