@@ -26,6 +26,7 @@ stress *ARGS:
 chaos *ARGS:
     CHAOS_SCALE="${CHAOS_SCALE:-4}" {{venv}}/python -m pytest tests/chaos -q -s -rxX --timeout 3600 {{ARGS}}
 
+# bench/RESULTS.md is bench/report.py's output and nothing else; notes on the runs: docs/perf/.
 # The benchmark suite (needs `pip install -e '.[bench]'`); rewrites bench/RESULTS.md and its chart.
 bench *ARGS:
     {{venv}}/python -m bench --report bench/RESULTS.md {{ARGS}}

@@ -2,6 +2,10 @@
 """The markdown report (a table per scenario) and the PNG chart of one bench run.
 
 python -m bench.report bench/results/<run>/run.json [REPORT.md]
+
+A report holds what this module writes from the run and nothing else: bench/RESULTS.md (the
+run of record) is never edited by hand. What the runs taught, written up by hand, is in
+docs/perf/.
 """
 
 from __future__ import annotations
