@@ -37,12 +37,12 @@ bench-quick *ARGS:
 
 # Lint, format check, strict typing, then the tests.
 check:
-    {{venv}}/ruff check sidecar tests
-    {{venv}}/ruff format --check sidecar tests
+    {{venv}}/ruff check sidecar tests bench
+    {{venv}}/ruff format --check sidecar tests bench
     {{venv}}/mypy
     {{just_executable()}} test
 
 # Apply the formatter and the safe lint fixes.
 fmt:
-    {{venv}}/ruff check --fix sidecar tests
-    {{venv}}/ruff format sidecar tests
+    {{venv}}/ruff check --fix sidecar tests bench
+    {{venv}}/ruff format sidecar tests bench
