@@ -27,6 +27,7 @@ stress *ARGS:
 chaos *ARGS:
     CHAOS_SCALE="${CHAOS_SCALE:-4}" CHAOS_DIAGNOSIS="${CHAOS_DIAGNOSIS:-{{justfile_directory()}}/chaos-runs}" {{venv}}/python -m pytest tests/chaos -q -s -rxX --timeout 3600 {{ARGS}}
 
+# bench/RESULTS.md is bench/report.py's output and nothing else; notes on the runs: docs/perf/.
 # The benchmark suite (needs `pip install -e '.[bench]'`); rewrites bench/RESULTS.md and its chart.
 bench *ARGS:
     {{venv}}/python -m bench --report bench/RESULTS.md {{ARGS}}
@@ -37,12 +38,12 @@ bench-quick *ARGS:
 
 # Lint, format check, strict typing, then the tests.
 check:
-    {{venv}}/ruff check sidecar tests
-    {{venv}}/ruff format --check sidecar tests
+    {{venv}}/ruff check sidecar tests bench
+    {{venv}}/ruff format --check sidecar tests bench
     {{venv}}/mypy
     {{just_executable()}} test
 
 # Apply the formatter and the safe lint fixes.
 fmt:
-    {{venv}}/ruff check --fix sidecar tests
-    {{venv}}/ruff format sidecar tests
+    {{venv}}/ruff check --fix sidecar tests bench
+    {{venv}}/ruff format sidecar tests bench

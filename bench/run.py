@@ -489,6 +489,7 @@ def scenario_cross(servers: list[str], sizes: Sizes, work: Path) -> dict[str, An
                 else:
                     print(f"  throughput ERROR {fanout['error']}")
         finally:
+            client: pymongo.MongoClient[dict[str, Any]]
             with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
                 client.drop_database(db)
     return out

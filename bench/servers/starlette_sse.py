@@ -28,7 +28,7 @@ BUFFER = 256
 KEEPALIVE = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
 PROCESS = os.urandom(5).hex()
 COUNTER = count()
-STREAMS: dict[str, set[asyncio.Queue[str | None]]] = {}
+STREAMS: dict[str, set[asyncio.Queue[bytes | None]]] = {}
 
 
 def publish(item: Any) -> dict[str, Any]:
@@ -52,7 +52,7 @@ async def stream(request: Request) -> Response:
     user = request.query_params.get("userId")
     if not user:
         return JSONResponse({"error": "userId"}, 400)
-    queue: asyncio.Queue[str | None] = asyncio.Queue(BUFFER)
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(BUFFER)
     STREAMS.setdefault(user, set()).add(queue)
 
     async def events() -> AsyncIterator[Any]:
