@@ -34,7 +34,16 @@ import trio
 from sidecar.hub import Hub, Key, Mailbox
 from sidecar.metrics import Metrics
 from sidecar.protocol import sse
-from sidecar.protocol.delivery import NOWHERE, SEEN_NOTHING, Position, Replay, Step, step
+from sidecar.protocol.delivery import (
+    NOWHERE,
+    SEEN_NOTHING,
+    Position,
+    Replay,
+    Step,
+    place_id,
+    place_of,
+    step,
+)
 from sidecar.protocol.feed import FeedItem, HistoryLost
 from sidecar.protocol.message import Message, State
 from sidecar.store.base import Store, StoreUnavailable
@@ -50,8 +59,23 @@ COALESCE_MAX = 64
 FRAME_CACHE_BYTES = 1024 * 1024
 
 
+# The event of a place frame (`_Stream._place`); Tock's clients listen to `message` only.
+PLACE_EVENT = "place"
+
+
 class ClientGone(Exception):
     """Raised by a Sink when the client is no longer there to write to."""
+
+
+async def sent_back_position(store: Store, key: Key, sent_back: str | None) -> Position | None:
+    """The position in the user's log that an id a tab sent back names (as Last-Event-ID,
+    `lastEventId`, or posted to the ack endpoint): its message's, or the one a place frame
+    told it; None for no id, "seen nothing", or an id the store does not know for this
+    user."""
+    if sent_back is None or sent_back == SEEN_NOTHING:
+        return None
+    position = await store.position_of(*key, sent_back)
+    return position if position is not None else place_of(sent_back)
 
 
 class Sink(Protocol):
@@ -303,17 +327,24 @@ class _Stream:
     async def _connect(self) -> None:
         """The connect sequence (docs/delivery.md), once subscribed: the tab's position from
         the id it sent back, the acknowledgement it makes, then the replay up to the log's
-        head, which becomes the stream's position."""
+        head, which becomes the stream's position. A browser-client tab that had no
+        position is then told the one it has (a place frame): what the replay skipped
+        (acknowledged by another tab) stays behind it from now on, and what comes after is
+        its own."""
         store, key = self._store, self._key
         head = await store.head(*key)
         sent_back = self._last_event_id
-        position = None
-        if sent_back is not None and sent_back != SEEN_NOTHING:
-            position = await store.position_of(*key, sent_back)
+        position = await sent_back_position(store, key, sent_back)
         if head is None:
-            return  # no log yet: every message of the user is new to this tab
+            # No log yet: every message of the user is new to this tab.
+            if self._browser_client:
+                await self._place(NOWHERE)
+            return
         replay: Replay | None = None  # from a position: every seq after it
-        if position is not None and position.epoch == head.epoch:
+        if position is not None:
+            if position.epoch != head.epoch:  # the tab's log ended: all of this one is new
+                position = Position(head.epoch, 0)
+            position = min(position, head)  # a place the log has not reached: its head
             await store.acknowledge_through(*key, position)
             self._position = position
         else:
@@ -324,6 +355,15 @@ class _Stream:
             self._position = Position(head.epoch, 0)
         # Placed: from here a failure goes on from the position, and never looks again.
         await self._retrying(partial(self._read_to, head.seq, replay))
+        if replay is not None and self._browser_client:
+            await self._place(self._position)
+
+    async def _place(self, position: Position) -> None:
+        """Tell a browser-client tab its position: a `place` frame, after every frame
+        written before it, whose id the tab keeps and sends back as it does a message's."""
+        frame_id = place_id(position)
+        if frame_id is not None:
+            await self._sink.send(sse.encode("", event=PLACE_EVENT, id=frame_id))
 
     async def _recover(self, item: Message | None) -> None:
         """Bring the stream up to `item` (a message past the next one, or of another epoch)

@@ -362,3 +362,67 @@ async def test_another_tabs_acknowledgement_hides_nothing_from_a_tab_with_a_posi
         await wait_for_state(sidecar, [s1, s2, s3], State.DELIVERED)
     async with sidecar.stream("alice", last_event_id=s1) as client:
         assert await received_until_fresh(sidecar, client) == [s2, s3]
+
+
+async def place_frame(client: SseClient) -> str:
+    """The id of the place frame the stream writes next, skipping pings."""
+    while True:
+        event = await client.next_event()
+        assert event.event in ("ping", "place"), event
+        if event.event == "place":
+            assert event.id is not None
+            assert event.data == ""
+            return event.id
+
+
+async def test_a_tab_that_had_seen_nothing_gets_what_another_tab_acknowledged_since(
+    sidecar: Sidecar,
+) -> None:
+    """A fault run's loss: a tab opened before the user's first message, and its connection
+    dropped with that message in flight; another tab showed and acknowledged it, and the
+    tab, with nothing shown, came back as one that has seen nothing, which gets only what
+    is not DELIVERED: it never had the message. A place frame now gives such a tab its
+    position when it connects, and it comes back from there."""
+    async with sidecar.stream("alice", query=f"&lastEventId={ZERO_ID}") as client:
+        before_any_log = await place_frame(client)
+    s1 = await sidecar.send("alice")
+    async with sidecar.stream("alice", last_event_id=s1):  # the other tab acknowledges
+        await wait_for_state(sidecar, [s1], State.DELIVERED)
+    async with sidecar.stream("alice", query=f"&lastEventId={ZERO_ID}") as client:
+        await place_frame(client)  # a new tab: Tock's rule, nothing (and no s1)
+    async with sidecar.stream("alice", query=f"&lastEventId={before_any_log}") as client:
+        # From a position: every message after it, and the last one names the tab's place.
+        assert (await client.next_message()).id == s1
+    at_s1 = s1
+    # Once the log exists: placed at its head, past what the replay skipped.
+    s2 = await sidecar.send("alice")
+    await ack(sidecar, {"ids": [s2]})
+    async with sidecar.stream("alice", query=f"&lastEventId={ZERO_ID}") as client:
+        at_s2 = await place_frame(client)
+    s3 = await sidecar.send("alice")
+    await ack(sidecar, {"ids": [s3]})
+    for sent_back, expected in ((at_s1, [s2, s3]), (at_s2, [s3])):
+        # As a reload sends it, and as EventSource does on its own reconnect.
+        reconnect = {"last_event_id": sent_back, "query": f"&lastEventId={ZERO_ID}"}
+        for place in ({"query": f"&lastEventId={sent_back}"}, reconnect):
+            async with sidecar.stream("alice", **place) as client:
+                assert [e.id for e in await client.messages(len(expected))] == expected
+
+
+async def test_a_place_acknowledges_through_it_and_only_browser_clients_are_told_theirs(
+    sidecar: Sidecar,
+) -> None:
+    s1, s2 = await make_sent(sidecar, "alice", 2)
+    async with sidecar.stream("alice", query=f"&lastEventId={ZERO_ID}") as client:
+        assert [e.id for e in await client.messages(2)] == [s1, s2]
+        place = await place_frame(client)
+    assert await states(sidecar, [s1, s2]) == [State.SENT] * 2
+    assert (await ack(sidecar, {"lastEventId": place})).status_code == 204
+    assert await states(sidecar, [s1, s2]) == [State.DELIVERED] * 2
+    # A client that does not send `lastEventId` (EventSource alone, tock-react-kit) is not
+    # a browser client: it gets messages and pings only.
+    s3 = await sidecar.send("alice")
+    async with sidecar.stream("alice") as client:
+        assert (await client.next_event()).id == s3
+        fresh = await sidecar.send("alice", fresh=True)
+        assert (await client.next_event()).id == fresh

@@ -38,10 +38,9 @@ from sidecar.http.demo import install_demo_routes
 from sidecar.http.hypercorn_patches import disconnect_callbacks
 from sidecar.http.observe import SendWithId
 from sidecar.hub import Hub
-from sidecar.protocol.delivery import SEEN_NOTHING
 from sidecar.protocol.message import normalize_id
 from sidecar.store.base import Store
-from sidecar.stream import SentMarker, StreamOptions, serve_stream
+from sidecar.stream import SentMarker, StreamOptions, sent_back_position, serve_stream
 
 log = logging.getLogger("sidecar.http")
 
@@ -436,10 +435,9 @@ def _ack_view(
             raise ApiError(400, "invalid_ack", "ids must all be message ids")
         if valid:
             await store.ack(connector.id, user_id, valid)
-        if last_id is not None and last_id != SEEN_NOTHING:
-            position = await store.position_of(connector.id, user_id, last_id)
-            if position is not None:
-                await store.acknowledge_through(connector.id, user_id, position)
+        position = await sent_back_position(store, (connector.id, user_id), last_id)
+        if position is not None:
+            await store.acknowledge_through(connector.id, user_id, position)
         response = Response(b"", 204)
         del response.headers["Content-Type"]
         return response

@@ -4,7 +4,8 @@ without a position replays, and what a frame id sent back means. No I/O.
 Each user's messages form a log numbered 1, 2, ... without gap within an epoch, the same on
 every instance; the stores number it (`Store` states the contract). A stream writes each
 seq of its user's log once, in order (`step`); a tab's position is the seq of the last
-message it received, and an acknowledgement by position covers every seq up to it.
+message it received, or the one a place frame told it (`place_id`), and an
+acknowledgement by position covers every seq up to it.
 
 The states only move forward, ENQUEUED -> SENT -> DELIVERED (SENT may be skipped): every
 store update filters on a lower current state. They decide only what a connect without a
@@ -21,6 +22,9 @@ from sidecar.protocol.message import State
 # The id the browser client sends back when its tab has received nothing yet: "I have
 # seen nothing" (everything not yet acknowledged), which no id in a store ever is.
 SEEN_NOTHING = "0" * 24
+# The first 8 hex digits of a place frame's id (`place_id`): an ObjectId's are its creation
+# time, and none was made one second after 1970 began.
+PLACE_PREFIX = "00000001"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
@@ -33,6 +37,25 @@ class Position:
 
 # Where a stream of a user with no log yet starts: any epoch is another.
 NOWHERE = Position(0, 0)
+
+
+def place_id(position: Position) -> str | None:
+    """The id of the place frame that tells a browser-client tab its position when no
+    message it was written names it (a connect that replayed by state, or found no log):
+    24 hex digits like a message id, `PLACE_PREFIX` then the epoch and the seq in 8 each.
+    Sent back, it names that position (`place_of`). None for a seq past 8 hex digits
+    (2**32 messages in one log), where the tab goes on as one that has seen nothing."""
+    if position.epoch >= 1 << 32 or position.seq >= 1 << 32:
+        return None
+    return f"{PLACE_PREFIX}{position.epoch:08x}{position.seq:08x}"
+
+
+def place_of(frame_id: str) -> Position | None:
+    """The position a place frame's id names; None for any other id (`frame_id` is a
+    normalised id: 24 lowercase hex digits)."""
+    if not frame_id.startswith(PLACE_PREFIX):
+        return None
+    return Position(int(frame_id[8:16], 16), int(frame_id[16:], 16))
 
 
 class Step(enum.Enum):

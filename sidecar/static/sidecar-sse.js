@@ -14,7 +14,10 @@
  *   ?lastEventId=... and gets exactly what this tab has not shown, even when another tab
  *   of the user got and acknowledged it (EventSource itself sends the Last-Event-ID header
  *   when it reconnects on its own). A new tab starts with "seen nothing": everything not
- *   yet acknowledged. Without storage a reload counts as a new tab;
+ *   yet acknowledged. A tab that has shown nothing yet is told its place by the sidecar
+ *   (a "place" event, never shown), and keeps it the same way, so a message another tab
+ *   acknowledged after this tab opened is not lost to it. Without storage a reload counts
+ *   as a new tab;
  * - every message is acknowledged, in batches, to <url>/ack, so the sidecar marks it
  *   DELIVERED and never replays it; an ack that fails is retried, backing off;
  * - ids already handed to onmessage are dropped, so a message that comes twice (replay
@@ -120,6 +123,10 @@
     };
     source.addEventListener("message", function (event) {
       self._receive(event);
+    });
+    source.addEventListener("place", function (event) {
+      // EventSource sends this id back itself when it reconnects; a reload sends it too.
+      if (event.lastEventId) self._remember(event.lastEventId);
     });
     source.onerror = function (event) {
       // EventSource retries by itself while the connection is merely broken; once it gives up

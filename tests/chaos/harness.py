@@ -7,7 +7,8 @@ handed to the page) lives in the tab's sessionStorage and survives reloads; a re
 a new page with `?lastEventId=`, an EventSource reconnect after a dropped connection sends
 `Last-Event-ID` (the page's URL keeps the id of its load); whatever was in flight when a
 connection drops is lost; the page drops an id it has already shown, and acks what it
-shows. A `Bot` sends each user's turns one after the other, each with an Idempotency-Key,
+shows; a `place` event's id is kept as a message's is, and neither shown nor acked. A
+`Bot` sends each user's turns one after the other, each with an Idempotency-Key,
 retrying through any instance until it gets a `202`, and sometimes sends a turn twice
 (its first answer lost).
 
@@ -253,6 +254,9 @@ class Tab:
                         event = await events.next_event()
                         if event.event == "message" and event.id is not None:
                             self._show(event.id)
+                        elif event.event == "place" and event.id is not None:
+                            self._stored = event.id  # kept, never shown or acked
+                            self._ledger.note(self.name, f"place {event.id}")
 
     def _show(self, message_id: str) -> None:
         self._ledger.note(self.name, f"frame {message_id}")

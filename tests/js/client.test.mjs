@@ -46,9 +46,9 @@ class FakeEventSource {
     if (this.onopen) this.onopen({ type: "open" });
   }
 
-  emit(data, lastEventId) {
-    const event = { type: "message", data, lastEventId };
-    for (const fn of this.listeners.get("message") || []) fn(event);
+  emit(data, lastEventId, type = "message") {
+    const event = { type, data, lastEventId };
+    for (const fn of this.listeners.get(type) || []) fn(event);
   }
 
   fail(readyState = FakeEventSource.CLOSED) {
@@ -586,4 +586,34 @@ test("each tab reloads from its own place; a new tab starts from seen nothing", 
   const newTab = loadPage();
   new newTab.SidecarSSE({ url: URL_BASE, userId: "u" });
   assert.equal(streamParams(newTab.sources[0]).get("lastEventId"), NOTHING_SEEN);
+});
+
+test("a place event is kept as the tab's place, never shown nor acked", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const storage = new MapStorage();
+  const page = loadPage({ storage });
+  const shown = [];
+  const stream = new page.SidecarSSE({
+    url: URL_BASE,
+    userId: "u",
+    onmessage: (response, id) => shown.push(id),
+  });
+  const place = "000000010000000100000002";
+  page.sources[0].emit("", place, "place");
+  assert.equal(stream.lastEventId(), place);
+  t.mock.timers.tick(1000);
+  await settle();
+  assert.deepEqual(shown, []);
+  assert.equal(page.fetchCalls.length, 0);
+  // A reload, and a fresh source after a CLOSED one, resume from it.
+  const reloaded = loadPage({ storage });
+  new reloaded.SidecarSSE({ url: URL_BASE, userId: "u" });
+  assert.equal(streamParams(reloaded.sources[0]).get("lastEventId"), place);
+  page.sources[0].fail();
+  t.mock.timers.tick(2000);
+  assert.equal(streamParams(page.sources[1]).get("lastEventId"), place);
+  // A message after it is this tab's place from then on.
+  page.sources[1].emit("{}", "65a1b2c3d4e5f6071829300a");
+  assert.equal(storage.getItem("sidecar-sse:" + URL_BASE + ":u"), "65a1b2c3d4e5f6071829300a");
+  stream.close();
 });

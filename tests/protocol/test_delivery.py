@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.protocol.delivery import NOWHERE, SEEN_NOTHING, Position, Replay, Step, step
+from sidecar.protocol.delivery import (
+    NOWHERE,
+    SEEN_NOTHING,
+    Position,
+    Replay,
+    Step,
+    place_id,
+    place_of,
+    step,
+)
 from sidecar.protocol.message import State, is_message_id, new_id
 
 E, S, D = State.ENQUEUED, State.SENT, State.DELIVERED
@@ -78,3 +87,29 @@ def test_the_start_of_a_log_takes_its_first_message() -> None:
 
 def test_a_stream_with_no_log_takes_any_epoch_as_a_new_log() -> None:
     assert step(NOWHERE, 12345, 1) is Step.NEW_LOG
+
+
+@pytest.mark.parametrize(
+    ("position", "frame_id"),
+    [
+        (NOWHERE, "000000010000000000000000"),
+        (Position(1, 1), "000000010000000100000001"),
+        (Position(2**31 + 1, 2**32 - 1), "0000000180000001ffffffff"),
+    ],
+)
+def test_a_place_frame_id_names_its_position(position: Position, frame_id: str) -> None:
+    assert place_id(position) == frame_id
+    assert is_message_id(frame_id)  # every check of an id sent back takes it as it is
+    assert place_of(frame_id) == position
+
+
+@pytest.mark.parametrize("position", [Position(1, 2**32), Position(2**32, 1)])
+def test_a_position_past_eight_hex_digits_has_no_place_frame(position: Position) -> None:
+    assert place_id(position) is None
+
+
+@pytest.mark.parametrize(
+    "frame_id", [SEEN_NOTHING, new_id(), "000000020000000100000001", "100000010000000100000001"]
+)
+def test_only_a_place_frame_id_names_a_place(frame_id: str) -> None:
+    assert place_of(frame_id) is None
